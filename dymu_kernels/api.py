@@ -1,0 +1,307 @@
+"""Public ops: validate the arguments, normalise them, and dispatch to a backend.
+
+This is the one place that checks inputs and picks a backend; the backends (``dtome/*.py``,
+``vtu/*.py``) receive normalised arguments. Every op is inference-only (no autograd), never
+synchronises with the host (value checks on GPU tensors only with ``validate=True`` or
+DYMU_VALIDATE=1), and accepts ``backend=None | "reference" | "native" | "triton"``.
+"""
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _backends
+from . import _validate as check
+from .dtome.reference import DToMeResult
+
+Threshold = Union[float, torch.Tensor]
+
+MAX_METRIC_DIM = 128
+MAX_HEAD_DIM = 128
+
+
+def _run(op: str, device: torch.device, backend: Optional[str], *args):
+    chosen = _backends.select(op, device, backend)
+    fn = getattr(_backends.module(chosen, _backends.FAMILIES[op]), op)
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _metric(metric: torch.Tensor) -> torch.Tensor:
+    check.tensor("metric", metric, 3, check.FLOAT_DTYPES, "[B, N, C]")
+    if metric.shape[1] < 1:
+        raise ValueError(f"metric must have at least one row (N >= 1), got shape {tuple(metric.shape)}")
+    if not 1 <= metric.shape[2] <= MAX_METRIC_DIM:
+        raise ValueError(f"metric dim C must be in [1, {MAX_METRIC_DIM}], got {metric.shape[2]}")
+    return metric
+
+
+def bipartite_similarity(
+    metric: torch.Tensor,
+    lengths: Optional[torch.Tensor] = None,
+    *,
+    protect_first: bool = False,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best destination of every source token (DToMe steps 1-3).
+
+    Args:
+        metric: [B, N, C] fp16/bf16/fp32, C <= 128: the merge metric (keys averaged over
+            heads). Rows >= lengths[b] are padding and may hold anything, NaN included.
+        lengths: [B] int32/int64 valid rows per image, in [0, N] (default N).
+        protect_first: row 0 (a CLS token) never merges.
+
+    Returns:
+        node_max [B, ceil(N/2)] float32: best cosine score (IEEE fp32) of source row 2i over the
+        valid odd rows; -inf where row 2i is padding, protected, or has no valid destination.
+        node_idx [B, ceil(N/2)] int32: the absolute (odd) row reaching it, smallest on ties;
+        -1 where node_max is -inf.
+    """
+    _metric(metric)
+    bsz, n, _ = metric.shape
+    lengths = check.lengths("lengths", lengths, bsz, n, metric.device, validate)
+    return _run("bipartite_similarity", metric.device, backend, metric, lengths, bool(protect_first))
+
+
+def select_edges(
+    node_max: torch.Tensor,
+    node_idx: torch.Tensor,
+    lengths: Optional[torch.Tensor],
+    threshold: Threshold,
+    num_rows: int,
+    *,
+    protect_first: bool = False,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Threshold the best edges and compute the new token order (DToMe steps 4 and 6).
+
+    A source merges iff node_max > threshold (strict; +inf merges nothing, -inf every source
+    with a destination), capped at floor((t - p) / 2) merges (p = 1 with protect_first); when
+    the cap bites, the merged source with the smallest node_max (then smallest row) stays.
+
+    Args:
+        node_max, node_idx: [B, ceil(N/2)] from :func:`bipartite_similarity`.
+        lengths: [B] int valid rows per image (None: N).
+        threshold: float, or a 0-dim / [B] float tensor (per-image thresholds). NaN is an error.
+        num_rows: N (node_max alone cannot tell N = 2k-1 from 2k).
+
+    Returns:
+        row_map [B, N] int32: new row of every old row (merged sources -> their destination's
+        new row; -1 for padding). New order: unmerged sources in order, then destinations.
+        new_lengths [B] int32: lengths minus merges.
+    """
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+        raise ValueError(f"num_rows must be an int >= 1 (N), got {num_rows!r}")
+    check.tensor("node_max", node_max, 2, (torch.float32,), "[B, ceil(N/2)] float32")
+    check.tensor("node_idx", node_idx, 2, check.INDEX_DTYPES, "[B, ceil(N/2)] int32")
+    bsz = node_max.shape[0]
+    expected = (bsz, (num_rows + 1) // 2)
+    for name, t in (("node_max", node_max), ("node_idx", node_idx)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} ([B, ceil(N/2)] for N = {num_rows}), got {tuple(t.shape)}")
+    device = node_max.device
+    check.same_device(device, node_idx=node_idx)
+    lengths = check.lengths("lengths", lengths, bsz, num_rows, device, validate)
+    check.index_range("node_idx", node_idx, -1, num_rows, validate)
+    tau = check.threshold(threshold, bsz, device, validate)
+    return _run(
+        "select_edges", device, backend, node_max, node_idx.to(torch.int32), lengths, tau, num_rows, bool(protect_first)
+    )
+
+
+def scatter_merge(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    row_map: torch.Tensor,
+    new_lengths: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of rows into their new rows (DToMe step 5), fp32 accumulation.
+
+    x'_r = sum_{i -> r} s_i x_i / sum_{i -> r} s_i, s'_r = sum_{i -> r} s_i.
+
+    Args:
+        x: [B, N, D] fp16/bf16/fp32 token features (padding rows may hold anything).
+        size: [B, N] float sizes (counts of original patches); rows with row_map -1 are ignored.
+        row_map: [B, N] int32/int64 from :func:`select_edges`, values in [-1, new_lengths[b]).
+        new_lengths: [B] int rows kept per image.
+
+    Returns:
+        x_out [B, N, D] in x.dtype and size_out [B, N] float32; rows >= new_lengths are zero.
+    """
+    check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
+    bsz, n, _ = x.shape
+    check.tensor("size", size, 2, check.FLOAT_DTYPES, "[B, N] float sizes")
+    check.tensor("row_map", row_map, 2, check.INDEX_DTYPES, "[B, N] int32")
+    for name, t in (("size", size), ("row_map", row_map)):
+        if tuple(t.shape) != (bsz, n):
+            raise ValueError(f"{name} must have shape {(bsz, n)} like x's [B, N], got {tuple(t.shape)}")
+    device = x.device
+    check.same_device(device, size=size, row_map=row_map)
+    new_lengths = check.lengths("new_lengths", new_lengths, bsz, n, device, validate)
+    if check.values_checkable(row_map, validate):
+        check.index_range("row_map", row_map, -1, n, validate)
+        beyond = row_map >= new_lengths[:, None]
+        if bool(beyond.any()):
+            raise ValueError("row_map points at rows >= new_lengths (expected values in [-1, new_lengths[b]))")
+    return _run(
+        "scatter_merge", device, backend, x, size.float(), row_map.to(torch.int32), new_lengths
+    )
+
+
+def dtome_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: Optional[torch.Tensor],
+    lengths: Optional[torch.Tensor],
+    threshold: Threshold,
+    *,
+    pos_map: Optional[torch.Tensor] = None,
+    protect_first: bool = False,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> DToMeResult:
+    """One fused DToMe merge step: similarity, threshold selection, merge and bookkeeping.
+
+    Args:
+        x: [B, N, D] fp16/bf16/fp32 tokens; rows >= lengths[b] are padding (anything, NaN too).
+        metric: [B, N, C] merge metric, C <= 128 (any float dtype).
+        size: [B, N] float sizes of the tokens (None: all ones).
+        lengths: [B] int valid rows (None: N).
+        threshold: float or 0-dim / [B] tensor; strict test node_max > threshold.
+        pos_map: optional [B, N0] int map from every original token to its current row
+            (-1 allowed for absent tokens); returned composed with this step's row_map.
+        protect_first: row 0 (CLS) never merges.
+
+    Returns:
+        DToMeResult(x [B, N, D] x.dtype, size [B, N] float32, lengths [B] int32,
+        pos_map [B, N0] int32 or None, row_map [B, N] int32). Kept rows come first in the order
+        [unmerged sources ; destinations]; rows >= lengths are zero. The tensors keep the static
+        upper bound N: shrinking to lengths.max() is the caller's (explicit, synchronising) step.
+    """
+    check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
+    _metric(metric)
+    bsz, n, _ = x.shape
+    if tuple(metric.shape[:2]) != (bsz, n):
+        raise ValueError(f"metric must be [B, N, C] with B, N = {bsz}, {n} like x, got {tuple(metric.shape)}")
+    device = x.device
+    check.same_device(device, metric=metric, size=size, pos_map=pos_map)
+    if size is None:
+        size = torch.ones(bsz, n, dtype=torch.float32, device=device)
+    check.tensor("size", size, 2, check.FLOAT_DTYPES, "[B, N] float sizes")
+    if tuple(size.shape) != (bsz, n):
+        raise ValueError(f"size must have shape {(bsz, n)} like x's [B, N], got {tuple(size.shape)}")
+    lengths = check.lengths("lengths", lengths, bsz, n, device, validate)
+    tau = check.threshold(threshold, bsz, device, validate)
+    if pos_map is not None:
+        check.tensor("pos_map", pos_map, 2, check.INDEX_DTYPES, "[B, N0] int32")
+        if pos_map.shape[0] != bsz:
+            raise ValueError(f"pos_map.shape[0] must be the batch size {bsz}, got shape {tuple(pos_map.shape)}")
+        check.index_range("pos_map", pos_map, -1, n, validate)
+        pos_map = pos_map.to(torch.int32)
+    return _run(
+        "dtome_merge", device, backend, x, metric, size.float(), lengths, tau, pos_map, bool(protect_first)
+    )
+
+
+def batch_threshold(node_max: torch.Tensor, r: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Calibration threshold of one layer for one batch (paper eq. 4).
+
+    Args:
+        node_max: [B, M] float32 best-edge scores of a batch (from :func:`bipartite_similarity`).
+        r: merges per image wanted at this layer (int >= 0).
+
+    Returns:
+        0-dim float32 tensor: the (B*r + 1)-th largest node_max of the whole batch, clamped at
+        >= 0 (0 when the batch has fewer than B*r + 1 finite scores). With the strict test at
+        most B*r edges pass.
+    """
+    check.tensor("node_max", node_max, 2, (torch.float32,), "[B, M] float32")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be an int >= 0 (merges per image), got {r!r}")
+    return _run("batch_threshold", node_max.device, backend, node_max, r)
+
+
+def vtu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos_map: torch.Tensor,
+    *,
+    full_lengths: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """Virtual token unmerging attention (DESIGN.md section 3).
+
+    Computes RoPE-rotated attention over the full sequence of Nf positions, where position i
+    carries merged row pos_map[b, i], and averages the outputs back into merged rows.
+
+    Args:
+        q: [B, Hq, Nu, D] merged queries, RoPE not applied; fp16/bf16/fp32; D even, <= 128.
+        k, v: [B, Hkv, Nu, D], same dtype; Hq % Hkv == 0 (query head h reads K/V head
+            h // (Hq / Hkv), as HF's repeat_kv).
+        cos, sin: [B, Nf', D] or [Nf', D] (HF layout: row i = full position i), Nf' >= Nf;
+            extra rows are ignored.
+        pos_map: [B, Nf] int32/int64: merged row in [0, Nu) of every full position.
+        full_lengths: [B] int (default Nf): positions >= full_lengths[b] are neither queries nor
+            keys and their map entries are ignored (may be -1).
+        causal: key j visible to query i iff j <= i (on full positions).
+        scale: softmax scale (default D ** -0.5).
+
+    Returns:
+        out [B, Hq, Nu, D] in q.dtype: for each merged row, the mean over the full positions that
+        map to it of their attention outputs; rows no valid position maps to are zero.
+    """
+    for name, t, layout in (("q", q, "[B, Hq, Nu, D]"), ("k", k, "[B, Hkv, Nu, D]"), ("v", v, "[B, Hkv, Nu, D]")):
+        check.tensor(name, t, 4, check.FLOAT_DTYPES, layout)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    bsz, hq, nu, dim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    hkv = k.shape[1]
+    if k.shape[0] != bsz or k.shape[2] != nu or k.shape[3] != dim:
+        raise ValueError(f"k/v must be [B, Hkv, Nu, D] with B, Nu, D = {bsz}, {nu}, {dim} like q, got {tuple(k.shape)}")
+    if nu < 1 or hkv < 1:
+        raise ValueError(f"need at least one merged row and one head, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if hq % hkv != 0:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) for grouped-query attention")
+    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+    device = q.device
+    check.tensor("pos_map", pos_map, 2, check.INDEX_DTYPES, "[B, Nf] int")
+    if pos_map.shape[0] != bsz or pos_map.shape[1] < 1:
+        raise ValueError(f"pos_map must be [B, Nf] with B = {bsz} and Nf >= 1, got {tuple(pos_map.shape)}")
+    nf = pos_map.shape[1]
+    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+        raise TypeError("cos and sin must be tensors ([B, Nf, D] or [Nf, D])")
+    if tuple(cos.shape) != tuple(sin.shape):
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check.tensor(name, t, t.dim() if t.dim() in (2, 3) else 3, check.FLOAT_DTYPES, "[B, Nf, D] or [Nf, D]")
+        if t.shape[-1] != dim:
+            raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
+        if t.shape[-2] < nf:
+            raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's Nf = {nf} positions")
+        if t.dim() == 3 and t.shape[0] != bsz:
+            raise ValueError(f"{name}.shape[0] must be the batch size {bsz}, got shape {tuple(t.shape)}")
+    check.same_device(device, k=k, v=v, cos=cos, sin=sin, pos_map=pos_map)
+    full_lengths = check.lengths("full_lengths", full_lengths, bsz, nf, device, validate)
+    if check.values_checkable(pos_map, validate):
+        valid = torch.arange(nf, device=device) < full_lengths[:, None]
+        check.index_range("pos_map", pos_map, 0, nu, validate, mask=valid)
+    if cos.dim() == 2:
+        cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
+    scale = float(dim**-0.5 if scale is None else scale)
+    return _run(
+        "vtu_attention", device, backend, q, k, v, cos, sin, pos_map.to(torch.int32), full_lengths, bool(causal), scale
+    )

@@ -1,0 +1,8 @@
+"""``python -m dymu``: same as the ``dymu`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
