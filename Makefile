@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/dymu demo
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests benchmarks
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-enable -q
