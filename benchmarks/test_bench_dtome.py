@@ -10,7 +10,7 @@ import torch
 
 import dymu_kernels as dk
 from baselines import official_style_dtome_merge
-from conftest import DEVICE, kernel_backends, sync
+from harness import DEVICE, kernel_backends, sync
 from memory import peak_bytes
 
 SHAPES = {"CLIP-L/14-336": (577, 64, 1024, True), "SigLIP-SO400M": (729, 72, 1152, False)}

@@ -11,7 +11,7 @@ import torch
 
 import dymu_kernels as dk
 from baselines import fast_path_vtu_attention
-from conftest import DEVICE, kernel_backends, sync
+from harness import DEVICE, kernel_backends, sync
 from memory import peak_bytes
 
 # name: (Hq, Hkv, D, text_prefix, image_tokens, text_suffix, image_rows_kept)

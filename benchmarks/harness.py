@@ -1,4 +1,5 @@
-"""Benchmark harness: device choice and helpers shared by the suites.
+"""Benchmark harness: device choice and helpers shared by the suites (not a conftest, so it
+cannot shadow tests/conftest.py when both folders run in one pytest session).
 
 Run: `make bench` (or `pytest benchmarks --benchmark-enable`). Each benchmark's `group` is the
 shape label and `extra_info` holds {"impl", "op", "shape", "device", "peak_bytes"}; the
@@ -6,15 +7,9 @@ baselines are impl "official-eager" (DToMe) and "fast-path" (VTU). Compare imple
 ratios within one run; never as absolute times across runs. `dymu bench` renders the report.
 """
 
-import os
-import sys
-
-import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from dymu_kernels._backends import implements  # noqa: E402
+from dymu_kernels._backends import implements
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -38,8 +33,3 @@ def _native_cuda() -> bool:
     from dymu_kernels import _C
 
     return _C.built_with_cuda()
-
-
-@pytest.fixture
-def device():
-    return DEVICE
