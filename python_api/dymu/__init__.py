@@ -6,6 +6,10 @@ calibration and the ``dymu`` command line. The op layer it calls is ``dymu_kerne
 
 __version__ = "0.1.0"
 
+# DToMe in HF vision encoders and threshold calibration (these import torch, not transformers).
+from .calibration import CalibratedThresholds, calibrate_thresholds, load_thresholds, save_thresholds  # noqa: E402
+from .encoders import DToMeEncoder, DToMeEncoderOutput  # noqa: E402
+
 # VTU in HF Llama-family causal LMs (transformers is imported only when a model is used).
 from .vtu_inputs import VTUImage, VTUInputs, build_vtu_inputs, images_from_encoder  # noqa: E402
 from .vtu_llm import VTUCausalLMOutput, generate, vtu_forward  # noqa: E402
