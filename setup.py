@@ -69,7 +69,7 @@ setup(
     python_requires=">=3.10",
     packages=["dymu_kernels", "dymu_kernels.dtome", "dymu_kernels.vtu", "dymu"],
     package_dir={"dymu_kernels": "dymu_kernels", "dymu": "python_api/dymu"},
-    package_data={"dymu": ["data/*"]},
+    package_data={"dymu": ["data/*.json", "data/*.md"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
     install_requires=[

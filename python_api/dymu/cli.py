@@ -1,6 +1,6 @@
 """The ``dymu`` command line.
 
-    dymu demo      the main job (for now: the op demo on realistic shapes)
+    dymu demo      the main job: DyMU on real weights (DINOv2-S/14, SmolLM2-135M) and real photos
     dymu opdemo    every op on realistic shapes with every available backend
     dymu info      available backends and versions
     dymu bench     run the benchmark suites and render the report (markdown + PNG)
@@ -16,6 +16,15 @@ def _cmd_opdemo(args) -> int:
     from .opdemo import main as opdemo
 
     return opdemo(args.device)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import SETTINGS, run
+
+    photos = args.photos.split(",") if args.photos else None
+    settings = args.settings.split(",") if args.settings else SETTINGS
+    run(out_dir=args.out, photo_names=photos, settings=settings, timing=not args.no_timing)
+    return 0
 
 
 def _cmd_info(args) -> int:
@@ -137,10 +146,15 @@ def _cmd_calibrate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dymu", description="DyMU: dynamic token merging and virtual token unmerging for VLMs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, helptext in (("demo", "run the main demo"), ("opdemo", "run every op on realistic shapes with every backend")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-        p.set_defaults(func=_cmd_opdemo)
+    p = sub.add_parser("demo", help="the main job: DyMU on real weights and real photos")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--photos", help="comma-separated photo names (default: all bundled photos)")
+    p.add_argument("--settings", help="comma-separated threshold settings among low,mid,high (default: all)")
+    p.add_argument("--no-timing", action="store_true", help="skip the wall-clock comparison")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("opdemo", help="run every op on realistic shapes with every backend")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=_cmd_opdemo)
     p = sub.add_parser("info", help="print available backends and versions")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("bench", help="run the benchmark suites and render the report")
