@@ -1,8 +1,54 @@
 """Native (csrc, C++/OpenMP) backend of the vtu ops: bindings to ``torch.ops.dymu.native_*``.
 
-Not implemented yet: the kernels are tracked by their issue. ``SUPPORTED`` lists the ops this
-module implements, so dispatch never picks it for an op it lacks and an explicit
-``backend="native"`` says so.
+``vtu_attention`` runs ``dymu::native_vtu_attention`` (csrc/vtu_cpu.cpp) on CPU tensors: a
+blocked flash-attention forward in fp32 over the virtually unmerged sequence, fused with the
+gather, RoPE and re-merge. It receives the arguments ``dymu_kernels.api.vtu_attention`` has
+validated and normalised (the same as ``reference.vtu_attention``).
+
+Limitations: CPU tensors only (no CUDA kernel yet); fp32 scratch of the full-length rotated
+Q/K/V, O(B * (Hq + 2 Hkv) * Nf * D); inference only.
 """
 
-SUPPORTED = frozenset()
+import torch
+
+from .. import _alloc
+from .. import _C  # noqa: F401  (loads the shared object, which registers torch.ops.dymu.*)
+
+SUPPORTED = frozenset({"vtu_attention"})
+
+
+@torch.library.register_fake("dymu::native_vtu_attention")
+def _native_vtu_attention_fake(q, k, v, cos, sin, pos_map, full_lengths, causal, scale, out):
+    return None
+
+
+def vtu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos_map: torch.Tensor,
+    full_lengths: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Re-merged attention of the virtually unmerged sequence (DESIGN.md section 3).
+
+    Args:
+        q: [B, Hq, Nu, D] merged queries, RoPE not applied; fp16/bf16/fp32, any strides.
+        k, v: [B, Hkv, Nu, D] in q.dtype, Hq % Hkv == 0; any strides.
+        cos, sin: [B, Nf', D] float (a stride-0 broadcast view over B is read as is), Nf' >= Nf.
+        pos_map: [B, Nf] int32, merged row of every full position (ignored at positions
+            >= full_lengths, where it may be -1).
+        full_lengths: [B] int32 in [0, Nf].
+        causal: key j visible to query i iff j <= i.
+        scale: softmax scale.
+
+    Returns:
+        out [B, Hq, Nu, D] in q.dtype (contiguous); merged rows no valid position maps to are 0.
+        Computed in fp32, deterministic (bit-identical across runs and thread counts).
+    """
+    out = _alloc.empty(q.shape, q.dtype, q.device)
+    torch.ops.dymu.native_vtu_attention(q, k, v, cos, sin, pos_map, full_lengths, bool(causal), float(scale), out)
+    return out

@@ -246,7 +246,7 @@ class DToMeEncoder(nn.Module):
                 if self.shrink:
                     new_max = int(lengths.max())  # the one explicit host sync of this block
                     num_syncs += 1
-                    x, size = x[:, :new_max], size[:, :new_max]
+                    x, size = x[:, :new_max].contiguous(), size[:, :new_max].contiguous()
                 log_size = size.log()  # log 0 = -inf masks padded keys
             h = block.mlp(block.norm2(x))
             if block.scale2 is not None:
