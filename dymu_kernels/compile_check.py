@@ -6,7 +6,8 @@
 Each Triton backend module lists its kernels in ``COMPILE_SPECS``: dicts with ``kernel`` (the
 @triton.jit function), ``signature`` ({arg: "*fp32" | "i32" | "constexpr" ...}),
 ``constexprs`` ({name: value}, the block sizes it really launches with), optional
-``num_warps`` / ``num_stages`` and a ``name`` for the report. Compiling with the real compiler
+``num_warps`` / ``num_stages``, ``archs`` (the compute capabilities this configuration is
+launched on, default all) and a ``name`` for the report. Compiling with the real compiler
 catches what the interpreter lets through (tl.dot with K < 16, unsupported casts, shared
 memory over the limit). For each kernel the report gives shared memory, registers and
 spills (cuobjdump from the triton wheel reads the cubin; no driver needed).
@@ -57,7 +58,7 @@ def compile_triton(archs, workdir: str) -> int:
     for module_name in MODULES:
         specs = importlib.import_module(module_name).COMPILE_SPECS
         for spec in specs:
-            for arch in archs:
+            for arch in [a for a in archs if a in spec.get("archs", archs)]:
                 total += 1
                 label = f"{spec.get('name', spec['kernel'].__name__)} [sm_{arch}]"
                 start = time.perf_counter()

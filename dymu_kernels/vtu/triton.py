@@ -1,9 +1,226 @@
-"""Triton backend of the vtu ops.
+"""Triton backend of VTU attention: launcher, torch.library op and compile specs.
 
-Not implemented yet: the kernels are tracked by their issue. ``SUPPORTED`` lists the ops this
-module implements; ``COMPILE_SPECS`` lists the kernels (with signatures and real block sizes)
-that ``python -m dymu_kernels.compile_check`` compiles for cuda 90 and 80.
+``vtu_attention`` takes the normalised arguments of ``dymu_kernels.vtu.reference.vtu_attention``
+and runs three kernels (``triton_kernels.py``): the fused gather + RoPE + flash-attention
+forward over the full positions, a stable counting sort of the positions by merged row, and
+the deterministic re-merge mean. No host sync (lengths stay on the device, all sizes are
+static), no per-length recompilation (Nf, Nu and length-dependent strides are
+do_not_specialize), no autotuning (block sizes are picked here from D and the dtype).
+
+Memory beyond the output: o [B, Nf, Hq, D] fp32 per-position outputs, plus int32 [B, Nf]
+and 2 x [B, Nu] for the grouping. Q, K, V are never expanded to full length in memory.
+
+Limitations: inference only; D even and <= 128; fp32 inputs use IEEE fp32 dots (no TF32);
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests; dots then run in fp32
+because the interpreter has no bf16 dot).
 """
 
-SUPPORTED = frozenset()
-COMPILE_SPECS = []
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from .._alloc import empty
+from .triton_kernels import vtu_attention_fwd_kernel, vtu_group_rows_kernel, vtu_merge_rows_kernel
+
+SUPPORTED = frozenset({"vtu_attention"})
+
+LOG2_E = 1.0 / math.log(2.0)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = False, capability=(9, 0)) -> dict:
+    """Block sizes and launch options of the attention kernel for this D, dtype and GPU.
+
+    BLOCK_HALF pads D/2 (each RoPE half), BLOCK_D pads D (the V/output columns); both are
+    powers of two >= 16 (tl.dot needs K, N >= 16). fp16/bf16 dot in the input dtype with
+    fp32 accumulation; fp32 dots are IEEE (CUDA cores). Every key tile is gathered and
+    rotated in registers, so BLOCK_N is what bounds register use: the choices below are the
+    largest that compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
+    (capability >= 9) and sm_80.
+    """
+    cfg = dict(BLOCK_HALF=_pow2_at_least_16(head_dim // 2), BLOCK_D=_pow2_at_least_16(head_dim))
+    wide = cfg["BLOCK_D"] > 64
+    if interpreter:
+        # Small tiles so tiny test shapes still cross tile borders and the diagonal split.
+        cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    elif tuple(capability) >= (9, 0):
+        cfg.update(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
+    else:
+        cfg.update(BLOCK_M=128, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def grouping_config(interpreter: bool = False) -> dict:
+    """Tile sizes of the counting-sort and re-merge kernels."""
+    if interpreter:
+        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_J=4, BLOCK_C=256)
+    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_J=4, BLOCK_C=1024)
+
+
+def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float, config=None):
+    bsz, hq, nu, dim = q.shape
+    hkv = k.shape[1]
+    nf = pos_map.shape[1]
+    interp = _interpreting()
+    capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else (9, 0)
+    cfg = attention_config(dim, q.dtype, interp, capability)
+    if config:
+        cfg.update(config)
+    grp = grouping_config(interp)
+    # Offsets inside one (batch, head) slice are int32 in the kernel.
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[-2:], t.stride()[-2:]))
+        if span >= 2**31:
+            raise ValueError(f"{name}: one (batch, head) slice spans {span} elements; the Triton kernel needs < 2**31")
+    full_lengths = full_lengths.to(torch.int32)
+    out = empty((bsz, hq, nu, dim), q.dtype, q.device)
+    o = torch.empty((bsz, nf, hq, dim), dtype=torch.float32, device=q.device)
+    vtu_attention_fwd_kernel[(triton.cdiv(nf, cfg["BLOCK_M"]), bsz * hq)](
+        q, k, v, cos, sin, pos_map, full_lengths, o,
+        *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
+        o.stride(0), o.stride(2), o.stride(1),
+        hq, hq // hkv, nu, nf, float(scale) * LOG2_E,
+        HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
+        DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    row_start = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
+    row_count = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
+    order = torch.empty((bsz, nf), dtype=torch.int32, device=q.device)
+    vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
+        pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
+        BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
+    )
+    vtu_merge_rows_kernel[(nu, bsz, triton.cdiv(hq * dim, grp["BLOCK_C"]))](
+        o, row_start, row_count, order, out, o.stride(0), o.stride(1), *out.stride(), hq, nu, nf,
+        HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"], num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op("dymu::triton_vtu_attention", mutates_args=())
+def _vtu_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos_map: torch.Tensor,
+    full_lengths: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    return _launch(q, k, v, cos, sin, pos_map, full_lengths, causal, scale)
+
+
+@_vtu_attention_op.register_fake
+def _vtu_attention_fake(q, k, v, cos, sin, pos_map, full_lengths, causal, scale):
+    return q.new_empty(q.shape)
+
+
+def vtu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos_map: torch.Tensor,
+    full_lengths: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Fused VTU attention (the semantics of ``dk.vtu_attention``; normalised arguments).
+
+    Args:
+        q: [B, Hq, Nu, D] fp16/bf16/fp32 merged queries (RoPE not applied), any strides;
+            D even, <= 128.
+        k, v: [B, Hkv, Nu, D] same dtype, Hq % Hkv == 0.
+        cos, sin: [B, Nf', D] (stride-0 broadcast views allowed), Nf' >= Nf, any float dtype.
+        pos_map: [B, Nf] int32, merged row of each full position.
+        full_lengths: [B] int32 valid positions per image (map entries beyond may be -1).
+        causal: causal mask on full positions. scale: softmax scale.
+
+    Returns:
+        [B, Hq, Nu, D] in q.dtype: per merged row, the mean attention output of its valid
+        positions; 0 for rows with none. Bit-identical run to run.
+    """
+    return _vtu_attention_op(q, k, v, cos, sin, pos_map, full_lengths, bool(causal), float(scale))
+
+
+def _specs():
+    """COMPILE_SPECS: every kernel with the block sizes ``_launch`` really uses on a GPU."""
+    specs = []
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    attn_args = [
+        "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "O",
+        "stride_qb", "stride_qh", "stride_qn", "stride_qd",
+        "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+        "stride_vb", "stride_vh", "stride_vn", "stride_vd",
+        "stride_cb", "stride_cn", "stride_cd",
+        "stride_sb", "stride_sn", "stride_sd",
+        "stride_mb", "stride_mn",
+        "stride_ob", "stride_oh", "stride_on",
+        "num_heads", "num_kv_groups", "num_merged", "num_full", "qk_scale",
+    ]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for dim in (64, 72, 80, 96, 128):
+            # fp32 tiles do not depend on the GPU; fp16/bf16 ones differ for sm_90 and sm_80.
+            per_arch = [(None, (9, 0))] if dtype == torch.float32 else [([90], (9, 0)), ([80], (8, 0))]
+            for archs, capability in per_arch:
+                cfg = attention_config(dim, dtype, capability=capability)
+                sig = {name: "i32" for name in attn_args}
+                sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[dtype], SIN=ptr[dtype],
+                           POS_MAP="*i32", FULL_LEN="*i32", O="*fp32", qk_scale="fp32")
+                consts = dict(HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True,
+                              DOT_FP32=dtype == torch.float32, INPUT_PRECISION="ieee")
+                sig.update({name: "constexpr" for name in consts})
+                spec = dict(kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            name=f"vtu_attention_fwd D={dim} {names[dtype]} "
+                                 f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}")
+                if archs is not None:
+                    spec["archs"] = archs
+                specs.append(spec)
+    grp = grouping_config()
+    specs.append(dict(
+        kernel=vtu_group_rows_kernel,
+        signature={"POS_MAP": "*i32", "FULL_LEN": "*i32", "ROW_START": "*i32", "ROW_COUNT": "*i32",
+                   "ORDER": "*i32", "stride_mb": "i32", "stride_mn": "i32", "num_merged": "i32",
+                   "num_full": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
+        constexprs=dict(BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"]), num_warps=4,
+        name="vtu_group_rows",
+    ))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for dim in (64, 80, 128):
+            merge_args = ["stride_ob", "stride_on", "stride_outb", "stride_outh",
+                          "stride_outn", "stride_outd", "num_heads", "num_merged", "num_full"]
+            sig = {"O": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "ORDER": "*i32", "OUT": ptr[dtype]}
+            sig.update({name: "i32" for name in merge_args})
+            consts = dict(HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"])
+            sig.update({name: "constexpr" for name in consts})
+            specs.append(dict(kernel=vtu_merge_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
+                              name=f"vtu_merge_rows D={dim} {names[dtype]}"))
+    return specs
+
+
+COMPILE_SPECS = _specs()
