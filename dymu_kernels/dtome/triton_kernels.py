@@ -1,0 +1,263 @@
+"""Triton kernels of one DToMe merge step (DESIGN.md section 2); launchers live in ``triton.py``.
+
+Three kernels, one launch each, so a fused merge step is three launches:
+
+- ``similarity_kernel``: grid (cdiv(ceil(N/2), BLOCK_A), B). Normalises a tile of source rows
+  (even rows, read straight from the strided metric) in fp32 and streams the destination rows
+  (odd rows) through ``tl.dot(..., input_precision="ieee")`` in tiles of BLOCK_B (C in chunks
+  of BLOCK_K = 16, masked), keeping a running row max / argmax; the [N/2, N/2] score matrix
+  never exists in memory.
+- ``select_kernel``: grid (B,). One program per image: the strict threshold test, the cap rule,
+  and stream compaction of the new order into ``row_map`` with ``tl.cumsum`` (two passes over
+  chunks of BLOCK, so any N works).
+- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). The program of BLOCK_R output
+  rows scans its image's row_map once per chunk of BLOCK_I rows, and each output row takes its
+  sources one at a time in index order, accumulating in fp32; then it writes the size-weighted
+  mean (or zeros). No atomics: bit-identical run to run. The programs with pid(2) == 0 also
+  compose ``pos_map`` with ``row_map`` (the blocks of pos_map strided over the grid).
+
+Limitations (honest notes):
+- Verified under TRITON_INTERPRET=1 and by compiling for sm_80 / sm_90 (no spills); not yet
+  run or timed on a GPU. On a GPU the merge accumulation may be contracted into FMAs, so x can
+  differ from the reference in the last bit (sizes and every index output are exact).
+- The merge kernel re-reads the image's row_map (N int32) once per BLOCK_R output rows:
+  O(N^2 / BLOCK_R) integer reads per image, served from L1/L2; small next to the O(N*D)
+  feature traffic for ViT sizes (N <= ~1000), but it grows quadratically for very long rows.
+- Sources are taken one per output row per step (one block reduction each); a block of rows
+  loops as often as its busiest row has sources, so an output row that receives very many
+  sources (e.g. every source merging into one destination) costs one step per source.
+- Scores use IEEE fp32 dots (no TF32), so the similarity kernel runs on the FMA units, not the
+  tensor cores; at C <= 128 this is a small part of a step. Source chunks are re-read (from
+  L1/L2) for every destination tile, since a runtime loop over C cannot keep them in registers.
+- Under TRITON_INTERPRET=1 bf16 arithmetic is wrong and the fp32 -> bf16 cast truncates: every
+  load is upcast to fp32 at once, and bf16 outputs are rounded on the bits there
+  (BF16_BY_BITS; the GPU path uses the native round-to-nearest-even cast, same result).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["N", "stride_mb", "stride_mn"])
+def similarity_kernel(
+    metric_ptr,  # [B, N, C] fp16/bf16/fp32, any strides
+    lengths_ptr,  # [B] int32
+    node_max_ptr,  # [B, NA] fp32 out
+    node_idx_ptr,  # [B, NA] int32 out
+    N,
+    C,
+    stride_mb,
+    stride_mn,
+    stride_mc,
+    PROTECT_FIRST: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # C is walked in chunks of BLOCK_K (>= 16, masked past C): the FMA lowering of an IEEE fp32
+    # dot keeps whole operand tiles in registers, and a full 64 x 64 x 64 tile spills.
+    pid_a = tl.program_id(0)
+    b = tl.program_id(1)
+    num_src = (N + 1) // 2
+    t = tl.load(lengths_ptr + b)
+    base = metric_ptr + b.to(tl.int64) * stride_mb
+    kc = tl.arange(0, BLOCK_K)
+
+    src = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)  # source i is row 2i
+    src_ok = 2 * src < t  # t <= N, so this also keeps the loads in bounds
+    if PROTECT_FIRST:
+        src_ok = src_ok & (src != 0)
+    a_ptr = base + (2 * src)[:, None].to(tl.int64) * stride_mn
+    # Masked loads with other=0: NaN in padding rows never enters the arithmetic.
+    a_sq = tl.zeros([BLOCK_A], tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        a = tl.load(a_ptr + (c0 + kc)[None, :] * stride_mc, mask=src_ok[:, None] & (c0 + kc < C)[None, :], other=0.0)
+        a = a.to(tl.float32)
+        a_sq += tl.sum(a * a, axis=1)
+    a_norm = tl.maximum(tl.sqrt_rn(a_sq), 1e-12)
+
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_row = tl.full([BLOCK_A], -1, tl.int32)
+    num_dst = t // 2  # valid odd rows: 1, 3, ..., < t
+    for start in range(0, num_dst, BLOCK_B):
+        dst = start + tl.arange(0, BLOCK_B)  # destination j is row 2j + 1
+        dst_ok = dst < num_dst
+        m_ptr = base + (2 * dst + 1)[None, :].to(tl.int64) * stride_mn  # loaded transposed: [K, BLOCK_B]
+        m_sq = tl.zeros([BLOCK_B], tl.float32)
+        for c0 in range(0, C, BLOCK_K):
+            m = tl.load(m_ptr + (c0 + kc)[:, None] * stride_mc, mask=dst_ok[None, :] & (c0 + kc < C)[:, None], other=0.0)
+            m = m.to(tl.float32)
+            m_sq += tl.sum(m * m, axis=0)
+        m_norm = tl.maximum(tl.sqrt_rn(m_sq), 1e-12)
+        scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        for c0 in range(0, C, BLOCK_K):
+            k_ok = c0 + kc < C
+            a = tl.load(a_ptr + (c0 + kc)[None, :] * stride_mc, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
+            m = tl.load(m_ptr + (c0 + kc)[:, None] * stride_mc, mask=dst_ok[None, :] & k_ok[:, None], other=0.0)
+            a = tl.div_rn(a.to(tl.float32), a_norm[:, None])  # m / max(||m||, 1e-12), as F.normalize
+            m = tl.div_rn(m.to(tl.float32), m_norm[None, :])
+            scores = tl.dot(a, m, scores, input_precision="ieee")  # [BLOCK_A, BLOCK_B] fp32
+        scores = tl.where(dst_ok[None, :], scores, float("-inf"))
+        tile_best = tl.max(scores, axis=1)
+        tile_arg = tl.argmax(scores, axis=1, tie_break_left=True)  # ties -> smallest row
+        better = tile_best > best  # strict: an earlier (smaller) row keeps a tie
+        best = tl.where(better, tile_best, best)
+        best_row = tl.where(better, 2 * (start + tile_arg) + 1, best_row)
+
+    found = src_ok & (best > float("-inf"))
+    out = b.to(tl.int64) * num_src + src
+    store_ok = src < num_src
+    tl.store(node_max_ptr + out, tl.where(src_ok, best, float("-inf")), mask=store_ok)
+    tl.store(node_idx_ptr + out, tl.where(found, best_row, -1), mask=store_ok)
+
+
+@triton.jit(do_not_specialize=["N"])
+def select_kernel(
+    node_max_ptr,  # [B, NA] fp32, contiguous
+    node_idx_ptr,  # [B, NA] int32, contiguous
+    lengths_ptr,  # [B] int32
+    tau_ptr,  # [B] fp32
+    row_map_ptr,  # [B, N] int32 out
+    new_lengths_ptr,  # [B] int32 out
+    N,
+    PROTECT_FIRST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    num_src = (N + 1) // 2
+    num_dst = N // 2
+    t = tl.load(lengths_ptr + b)
+    tau = tl.load(tau_ptr + b)
+    nm_base = node_max_ptr + b.to(tl.int64) * num_src
+    idx_base = node_idx_ptr + b.to(tl.int64) * num_src
+    rm_base = row_map_ptr + b.to(tl.int64) * N
+    lanes = tl.arange(0, BLOCK)
+
+    # Pass 1: how many pass the strict test, how many valid sources fail it, and the passing
+    # source with the smallest score (ties -> smallest row), the one the cap keeps.
+    passed = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    failed = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    weakest = tl.max(tl.full([BLOCK], float("inf"), tl.float32), axis=0)
+    weakest_src = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    for start in range(0, num_src, BLOCK):
+        src = start + lanes
+        in_range = src < num_src
+        score = tl.load(nm_base + src, mask=in_range, other=float("-inf"))
+        merged = (score > tau) & in_range
+        passed += tl.sum(merged.to(tl.int32), axis=0)
+        failed += tl.sum(((2 * src < t) & ~merged).to(tl.int32), axis=0)
+        keyed = tl.where(merged, score, float("inf"))
+        chunk_min = tl.min(keyed, axis=0)
+        chunk_arg = tl.argmin(keyed, axis=0, tie_break_left=True) + start
+        weakest_src = tl.where(chunk_min < weakest, chunk_arg, weakest_src)
+        weakest = tl.minimum(chunk_min, weakest)
+
+    if PROTECT_FIRST:
+        cap = tl.maximum((t - 1) // 2, 0)
+    else:
+        cap = t // 2
+    over = passed > cap  # by exactly one when it bites: the weakest source stays
+    num_unmerged = failed + (over & (2 * weakest_src < t)).to(tl.int32)
+    tl.store(new_lengths_ptr + b, t - passed + over.to(tl.int32))
+
+    # Pass 2: new order [unmerged sources in order ; destinations in order], then padding.
+    running = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    for start in range(0, num_src, BLOCK):
+        src = start + lanes
+        in_range = src < num_src
+        score = tl.load(nm_base + src, mask=in_range, other=float("-inf"))
+        merged = (score > tau) & in_range & ~(over & (src == weakest_src))
+        unmerged = (2 * src < t) & ~merged
+        unmerged_i = unmerged.to(tl.int32)
+        src_new = running + tl.cumsum(unmerged_i, axis=0) - 1
+        running += tl.sum(unmerged_i, axis=0)
+        # A merged source takes its destination's new row (odd row 2j+1 -> num_unmerged + j).
+        idx = tl.load(idx_base + src, mask=in_range, other=-1)
+        dst_col = tl.minimum((tl.maximum(idx, 1) - 1) // 2, num_dst - 1)
+        dst_of_src = tl.where((dst_col >= 0) & (2 * dst_col + 1 < t), num_unmerged + dst_col, -1)
+        new_row = tl.where(merged, dst_of_src, tl.where(unmerged, src_new, -1))
+        tl.store(rm_base + 2 * src, new_row, mask=in_range)
+        dst = src  # destination j is row 2j + 1
+        dst_new = tl.where(2 * dst + 1 < t, num_unmerged + dst, -1)
+        tl.store(rm_base + 2 * dst + 1, dst_new, mask=dst < num_dst)
+
+
+@triton.jit
+def round_to_bf16(v):
+    """fp32 -> bf16 rounding to nearest even on the bits (the interpreter's cast truncates)."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["N", "N0", "stride_xb", "stride_xn"])
+def merge_kernel(
+    x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides
+    size_ptr,  # [B, N] fp32, contiguous
+    row_map_ptr,  # [B, N] int32, contiguous
+    x_out_ptr,  # [B, N, D] x.dtype out, contiguous
+    size_out_ptr,  # [B, N] fp32 out
+    pos_map_ptr,  # [B, N0] int32 (HAS_POS_MAP), contiguous
+    pos_out_ptr,  # [B, N0] int32 out (HAS_POS_MAP)
+    N,
+    D,
+    N0,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    HAS_POS_MAP: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,  # round bf16 outputs by hand (interpreter only)
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    row_base = b.to(tl.int64) * N
+    x_base = x_ptr + b.to(tl.int64) * stride_xb
+    out_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's output rows
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    lanes = tl.arange(0, BLOCK_I)
+
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, N, BLOCK_I):
+        rows = start + lanes
+        mapped = tl.load(row_map_ptr + row_base + rows, mask=rows < N, other=-1)
+        hit = mapped[None, :] == out_rows[:, None]  # [BLOCK_R, BLOCK_I]: row i feeds output row r
+        most = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
+        for _ in range(0, most):  # each output row takes its next source, in index order
+            i = tl.min(tl.where(hit, rows[None, :], N), axis=1)  # [BLOCK_R]; N: none left
+            has = i < N
+            hit = hit & (rows[None, :] != i[:, None])
+            s = tl.load(size_ptr + row_base + i, mask=has, other=0.0)
+            xi = tl.load(
+                x_base + i[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+                mask=has[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            acc += xi.to(tl.float32) * s[:, None]
+            total += s
+
+    mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
+    r_ok = out_rows < N
+    out_ptrs = x_out_ptr + (row_base + out_rows)[:, None] * D + offs_d[None, :]
+    if BF16_BY_BITS:
+        tl.store(out_ptrs, round_to_bf16(mean), mask=r_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(out_ptrs, mean.to(x_out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        tl.store(size_out_ptr + row_base + out_rows, total, mask=r_ok)
+        if HAS_POS_MAP:
+            # pos_map'[b, p] = row_map[b, pos_map[b, p]]: the row programs share the blocks.
+            offs_p = tl.arange(0, BLOCK_P)
+            for p0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
+                p = p0 + offs_p
+                p_ok = p < N0
+                pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + p, mask=p_ok, other=-1)
+                pos_ok = p_ok & (pos >= 0) & (pos < N)
+                moved = tl.load(row_map_ptr + row_base + pos, mask=pos_ok, other=-1)
+                tl.store(pos_out_ptr + b.to(tl.int64) * N0 + p, tl.where(pos_ok, moved, -1), mask=p_ok)

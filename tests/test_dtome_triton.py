@@ -1,0 +1,195 @@
+"""Triton DToMe backend beyond the generic suite: larger shapes, several tiles / chunks per
+kernel, strided inputs, exact ties across tiles, arbitrary scatter maps, long pos_maps.
+
+Runs on CUDA tensors when present, else on CPU tensors under TRITON_INTERPRET=1 (shapes are
+kept small enough for the interpreter).
+"""
+
+import math
+
+import pytest
+import torch
+
+import dymu_kernels as dk
+from conftest import backend_params, device_for
+from helpers import assert_within_2x_torch, poison_padding
+from oracle import dtome_oracle
+from test_dtome import away_from_ties, make_inputs
+
+TRITON = backend_params("dtome_merge")[2:]  # the triton param, with its skip marks
+DEV = device_for("triton")
+
+
+def _to(*tensors):
+    return [t.to(DEV) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("protect_first", [False, True])
+def test_merge_bf16_larger_shape_matches_oracle(backend, protect_first):
+    bsz, n, c, d = 2, 70, 24, 40
+    x, metric, size, lengths = make_inputs(bsz, n, c, d, torch.bfloat16, [70, 53], seed=11, centres=4)
+    *_, node_max = dtome_oracle(x, metric, size, lengths, math.inf, protect_first)
+    tau = away_from_ties(node_max, 0.4)
+    x_ref, size_ref, row_map_ref, len_ref, _ = dtome_oracle(x, metric, size, lengths, tau, protect_first)
+    pos_map = torch.arange(n, dtype=torch.int32).repeat(bsz, 1)
+    pos_map = torch.where(pos_map < lengths[:, None], pos_map, -1)
+    res = dk.dtome_merge(*_to(x, metric, size, lengths), tau, pos_map=pos_map.to(DEV), protect_first=protect_first, backend=backend)
+    assert torch.equal(res.lengths.cpu(), len_ref)
+    assert torch.equal(res.row_map.cpu(), row_map_ref)
+    assert torch.equal(res.pos_map.cpu(), torch.where(pos_map >= 0, row_map_ref, -1))
+    assert torch.equal(res.size.cpu(), size_ref.float())
+    assert res.x.dtype == torch.bfloat16
+    assert_within_2x_torch(res.x.cpu(), x_ref.to(torch.bfloat16), x_ref, floor=1e-5)
+    assert 0 < int(len_ref.min()) and int((lengths - len_ref).min()) > 0, "the case should merge something"
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_strided_metric_and_x(backend):
+    bsz, n, c, d = 2, 37, 20, 24
+    x, metric, size, lengths = make_inputs(bsz, n, c, d, torch.float16, [37, 30], seed=4)
+    # metric as a column slice of a wider tensor (like keys sliced out of qkv), x transposed storage
+    wide = torch.randn(bsz, n, 3 * c, dtype=torch.float16)
+    wide[..., c : 2 * c] = metric
+    metric_strided = wide[..., c : 2 * c]
+    x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not metric_strided.is_contiguous() and not x_strided.is_contiguous()
+    tau = 0.3
+    ref = dk.dtome_merge(x, metric, size, lengths, tau, protect_first=True, backend="reference")
+    a = _to(x_strided, metric_strided.to(DEV), size, lengths)
+    res = dk.dtome_merge(*a, tau, protect_first=True, backend=backend)
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.lengths.cpu(), ref.lengths)
+    assert torch.equal(res.size.cpu(), ref.size)
+    assert torch.allclose(res.x.cpu().float(), ref.x.float(), atol=2e-3, rtol=2e-3)
+    # and the metric transposed in memory ([B, C, N] storage)
+    metric_t = metric.transpose(1, 2).contiguous().transpose(1, 2)
+    nm, ni = dk.bipartite_similarity(metric_t.to(DEV), lengths.to(DEV), backend=backend)
+    nm_ref, ni_ref = dk.bipartite_similarity(metric, lengths, backend="reference")
+    assert torch.equal(ni.cpu(), ni_ref) and torch.allclose(nm.cpu(), nm_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_similarity_several_tiles_and_exact_ties(backend):
+    # N = 150: 75 sources and 75 destinations, two tiles of 64 each way.
+    bsz, n, c = 2, 150, 20
+    g = torch.Generator().manual_seed(2)
+    metric = torch.randn(bsz, n, c, generator=g)
+    # destination rows 3 and 131 (columns 1 and 65: different tiles) are identical and are the
+    # best match of source 10: the tie goes to the smaller row, 3.
+    metric[:, 131] = metric[:, 3]
+    metric[:, 10] = metric[:, 3] * 2.0
+    lengths = torch.tensor([150, 140], dtype=torch.int32)
+    metric = poison_padding(metric, lengths)
+    nm, ni = dk.bipartite_similarity(metric.to(DEV), lengths.to(DEV), protect_first=True, backend=backend)
+    nm_ref, ni_ref = dk.bipartite_similarity(metric, lengths, protect_first=True, backend="reference")
+    finite = torch.isfinite(nm_ref)
+    assert torch.equal(torch.isfinite(nm.cpu()), finite)
+    assert torch.allclose(nm.cpu()[finite], nm_ref[finite], atol=1e-6)
+    # index decisions away from near-ties of the runner-up
+    top2 = torch.nn.functional.normalize(metric.nan_to_num(), dim=-1)
+    scores = top2[:, 0::2] @ top2[:, 1::2].transpose(1, 2)
+    scores = scores.masked_fill(~(torch.arange(1, n, 2) < lengths[:, None])[:, None, :], -math.inf)
+    best2 = scores.topk(2, dim=-1).values
+    clear = finite & ((best2[..., 0] - best2[..., 1]) > 1e-5)
+    assert torch.equal(ni.cpu()[clear], ni_ref[clear])
+    assert ni.cpu()[:, 5].tolist() == [3, 3] and ni_ref[:, 5].tolist() == [3, 3]
+    assert nm.cpu()[:, 0].tolist() == [-math.inf, -math.inf] and ni.cpu()[:, 0].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("protect_first", [False, True])
+def test_select_edges_many_chunks(backend, protect_first):
+    # 1251 sources: two chunks of 1024 in the selection kernel. The cap bites for image 0
+    # (odd t, -inf threshold when unprotected); the weakest score is tied between a source in
+    # each chunk, and the smaller row (in the first chunk) must stay.
+    n = 2501
+    num_src = (n + 1) // 2
+    g = torch.Generator().manual_seed(9)
+    node_max = torch.rand(3, num_src, generator=g)
+    node_max[0, 1100] = node_max[0, 50] = -0.5  # the weakest, tied across chunks
+    node_idx = (2 * torch.randint(0, n // 2, (3, num_src), generator=g) + 1).to(torch.int32)
+    lengths = torch.tensor([2501, 2200, 1500], dtype=torch.int32)
+    valid = 2 * torch.arange(num_src) < lengths[:, None]
+    node_max = torch.where(valid, node_max, -math.inf)
+    node_idx = torch.where(valid, node_idx, -1)
+    if protect_first:
+        node_max[:, 0], node_idx[:, 0] = -math.inf, -1
+    tau = torch.tensor([-math.inf, 0.5, 0.9])
+    ref = dk.select_edges(node_max, node_idx, lengths, tau, n, protect_first=protect_first, backend="reference")
+    out = dk.select_edges(*_to(node_max, node_idx, lengths, tau), n, protect_first=protect_first, backend=backend)
+    assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[1].cpu(), ref[1])
+    if not protect_first:
+        assert int(ref[0][0, 2 * 50]) == 0 and int(ref[1][0]) == n - n // 2, "the weakest source stays"
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scatter_merge_arbitrary_map(backend, dtype):
+    # Not a DToMe map: many rows into one output row, rows out of order, unused rows.
+    bsz, n, d = 2, 23, 36
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(bsz, n, d, generator=g).to(dtype)
+    size = torch.rand(bsz, n, generator=g) * 3
+    row_map = torch.randint(0, 5, (bsz, n), generator=g).to(torch.int32)
+    row_map[0, 12:] = 0  # eleven rows into row 0
+    row_map[1, ::3] = -1
+    new_len = torch.tensor([5, 5], dtype=torch.int32)
+    x = torch.where(row_map[..., None] >= 0, x, float("nan")).to(dtype)  # unmapped rows: NaN
+    x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
+    x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
+    assert torch.equal(s_out.cpu(), s_ref)  # fp32 sums in index order, like the reference
+    assert not x_out.cpu().isnan().any()
+    assert torch.allclose(x_out.cpu().float(), x_ref.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert (x_out.cpu()[:, 5:] == 0).all() and (s_out.cpu()[:, 5:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("n, d", [(6, 8), (40, 300)], ids=["one-program", "five-programs"])
+def test_long_pos_map(backend, n, d):
+    # N0 = 230 original positions over N rows: the merge programs stride over pos_map blocks
+    # (D = 300 gives 8 output rows per program, so 5 programs per image for N = 40).
+    bsz, c, n0 = 2, 4, 230
+    x, metric, size, lengths = make_inputs(bsz, n, c, d, torch.float32, [n, n - 1], seed=1)
+    g = torch.Generator().manual_seed(3)
+    pos_map = torch.randint(-1, n, (bsz, n0), generator=g).to(torch.int32)
+    pos_map = torch.where(pos_map < lengths[:, None], pos_map, -1)
+    ref = dk.dtome_merge(x, metric, size, lengths, -math.inf, pos_map=pos_map, backend="reference")
+    res = dk.dtome_merge(*_to(x, metric, size, lengths), -math.inf, pos_map=pos_map.to(DEV), backend=backend)
+    assert torch.equal(res.pos_map.cpu(), ref.pos_map) and torch.equal(res.row_map.cpu(), ref.row_map)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_batch_threshold_matches_reference(backend):
+    g = torch.Generator().manual_seed(8)
+    node_max = torch.rand(3, 40, generator=g) * 2 - 0.5
+    node_max[:, ::7] = -math.inf
+    for r in (0, 3, 20, 1000):
+        ref = dk.batch_threshold(node_max, r, backend="reference")
+        out = dk.batch_threshold(node_max.to(DEV), r, backend=backend)
+        assert out.shape == () and out.dtype == torch.float32 and float(out) == float(ref)
+
+
+def test_compile_specs_match_kernel_signatures():
+    from dymu_kernels.dtome import triton as tb
+
+    assert tb.COMPILE_SPECS
+    for spec in tb.COMPILE_SPECS:
+        assert list(spec["signature"]) == list(spec["kernel"].arg_names), spec["name"]
+        constexpr = {k for k, v in spec["signature"].items() if v == "constexpr"}
+        assert constexpr == set(spec["constexprs"]), spec["name"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("n, d", [(300, 20), (7, 2100)], ids=["rows-in-chunks", "features-in-chunks"])
+def test_scatter_merge_several_chunks(backend, n, d):
+    # N = 300: the row_map is scanned in two chunks; D = 2100: two feature blocks per row.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, n, d, generator=g)
+    size = torch.randint(1, 4, (2, n), generator=g).float()
+    new_len = torch.tensor([n // 3, 1], dtype=torch.int32)
+    row_map = torch.stack([torch.randint(0, n // 3, (n,), generator=g), torch.zeros(n, dtype=torch.long)]).to(torch.int32)
+    row_map[0, : n // 3] = torch.arange(n // 3, dtype=torch.int32)  # every kept row is hit
+    x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
+    x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
+    assert torch.equal(s_out.cpu(), s_ref)
+    assert torch.allclose(x_out.cpu(), x_ref, atol=1e-6, rtol=1e-5)
