@@ -1,4 +1,4 @@
-// Native CPU kernels of the DToMe ops (DESIGN.md section 2): bipartite similarity, edge
+// Native CPU kernels of the DToMe ops (README, Semantics: DToMe): bipartite similarity, edge
 // selection, size-weighted scatter-merge, the fused merge step and batch threshold.
 //
 // Ops (schemas below, all named dymu::native_<op>) write into output tensors that the Python

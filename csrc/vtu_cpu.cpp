@@ -1,4 +1,4 @@
-// VTU attention on CPU tensors: dymu::native_vtu_attention (DESIGN.md section 3).
+// VTU attention on CPU tensors: dymu::native_vtu_attention (README, Semantics: VTU).
 //
 // Semantics are those of dymu_kernels/vtu/reference.py: full position i < full_lengths[b]
 // carries merged row u(i) = pos_map[b, i]; q_i = rope(Q[u(i)], i), k_j = rope(K[u(j)], j),

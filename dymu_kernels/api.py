@@ -208,12 +208,16 @@ def dtome_merge(
     )
 
 
-def batch_threshold(node_max: torch.Tensor, r: int, *, backend: Optional[str] = None) -> torch.Tensor:
+def batch_threshold(
+    node_max: torch.Tensor, r: int, *, backend: Optional[str] = None, validate: Optional[bool] = None
+) -> torch.Tensor:
     """Calibration threshold of one layer for one batch (paper eq. 4).
 
     Args:
         node_max: [B, M] float32 best-edge scores of a batch (from :func:`bipartite_similarity`).
         r: merges per image wanted at this layer (int >= 0).
+
+    NaN scores are an error (checked for CPU tensors, and for GPU tensors with validation on).
 
     Returns:
         0-dim float32 tensor: the (B*r + 1)-th largest node_max of the whole batch, clamped at
@@ -223,6 +227,8 @@ def batch_threshold(node_max: torch.Tensor, r: int, *, backend: Optional[str] = 
     check.tensor("node_max", node_max, 2, (torch.float32,), "[B, M] float32")
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be an int >= 0 (merges per image), got {r!r}")
+    if check.values_checkable(node_max, validate) and bool(node_max.isnan().any()):
+        raise ValueError("node_max must not contain NaN (scores are cosines in [-1, 1], or -inf where there is no edge)")
     return _run("batch_threshold", node_max.device, backend, node_max, r)
 
 
@@ -240,7 +246,7 @@ def vtu_attention(
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Virtual token unmerging attention (DESIGN.md section 3).
+    """Virtual token unmerging attention (README, Semantics: VTU).
 
     Computes RoPE-rotated attention over the full sequence of Nf positions, where position i
     carries merged row pos_map[b, i], and averages the outputs back into merged rows.

@@ -1,6 +1,6 @@
 """Float64 oracles written as plain per-image loops, independent of the vectorised reference.
 
-They restate DESIGN.md sections 2 and 3 as directly as possible; the reference backend is
+They restate the README's Semantics section as directly as possible; the reference backend is
 tested against them, and every other backend against the reference and them.
 """
 

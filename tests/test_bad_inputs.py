@@ -1,4 +1,4 @@
-"""Every bad input named in DESIGN.md gets a ValueError/TypeError naming the argument."""
+"""Every bad input named in the op contract gets a ValueError/TypeError naming the argument."""
 
 import math
 
@@ -75,6 +75,7 @@ BAD = {
         lambda: dk.dtome_merge(torch.randn(B, N, D), metric(), None, None, 0.5, pos_map=torch.zeros(1, 20, dtype=torch.int32)),
         ValueError, "pos_map"),
     "batch_threshold negative r": (lambda: dk.batch_threshold(nm()[0], -1), ValueError, "r must"),
+    "batch_threshold NaN score": (lambda: dk.batch_threshold(torch.tensor([[0.5, math.nan]]), 1), ValueError, "NaN"),
     "batch_threshold float r": (lambda: dk.batch_threshold(nm()[0], 1.5), ValueError, "r must"),
     "vtu Hq not multiple of Hkv": (lambda: call_vtu(k=torch.randn(1, 3, 3, 8), v=torch.randn(1, 3, 3, 8)), ValueError, "multiple"),
     "vtu odd D": (lambda: call_vtu(q=torch.randn(1, 4, 3, 7), k=torch.randn(1, 2, 3, 7), v=torch.randn(1, 2, 3, 7),

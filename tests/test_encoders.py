@@ -4,7 +4,7 @@ The stock model is the oracle:
 - every threshold +inf: no merge step runs at all, so the output equals the stock output row for
   row (same token order);
 - a finite threshold above every cosine score (2.0): every merge step runs but merges nothing.
-  A merge step reorders rows to [even rows ; odd rows] (DESIGN.md section 2 rule 6), so the
+  A merge step reorders rows to [even rows ; odd rows] (README, Semantics: DToMe rule 6), so the
   output is compared after gathering rows back with pos_map (row of every original token);
 - a merging threshold: invariants (sizes sum to N0, pos_map < lengths, zero padding), and the
   batched run equals each image run alone (batch of one, no padding at all).

@@ -3,7 +3,7 @@ and batch threshold calibration.
 
 Each backend lives in its own module beside the reference that specifies it:
 
-- ``reference.py``: pure PyTorch, any device, the executable spec (DESIGN.md section 2).
+- ``reference.py``: pure PyTorch, any device, the executable spec (README, Semantics: DToMe).
 - ``triton.py``: Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1).
 - ``native.py``: bindings to the C++ kernels in ``csrc/`` (``torch.ops.dymu.native_*``).
 

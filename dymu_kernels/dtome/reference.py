@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) DToMe: the executable specification of DESIGN.md section 2.
+"""Reference (pure PyTorch) DToMe: the executable specification of README, Semantics: DToMe.
 
 Vectorised over the batch, no host synchronisation, runs on any device (meta and fake tensors
 included). Arguments are already validated and normalised by ``dymu_kernels.api``:

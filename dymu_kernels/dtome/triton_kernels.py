@@ -1,4 +1,4 @@
-"""Triton kernels of one DToMe merge step (DESIGN.md section 2); launchers live in ``triton.py``.
+"""Triton kernels of one DToMe merge step (README, Semantics: DToMe); launchers live in ``triton.py``.
 
 Three kernels, one launch each, so a fused merge step is three launches:
 

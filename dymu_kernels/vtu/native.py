@@ -33,7 +33,7 @@ def vtu_attention(
     causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Re-merged attention of the virtually unmerged sequence (DESIGN.md section 3).
+    """Re-merged attention of the virtually unmerged sequence (README, Semantics: VTU).
 
     Args:
         q: [B, Hq, Nu, D] merged queries, RoPE not applied; fp16/bf16/fp32, any strides.

@@ -1,4 +1,4 @@
-"""Reference (pure PyTorch) VTU attention: the executable specification of DESIGN.md section 3.
+"""Reference (pure PyTorch) VTU attention: the executable specification of README, Semantics: VTU.
 
 Arguments are validated and normalised by ``dymu_kernels.api``: cos/sin are [B, Nf', D] (a
 broadcast view when the caller gave [Nf', D]), pos_map is int32 [B, Nf], full_lengths int32 [B].

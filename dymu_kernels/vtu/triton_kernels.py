@@ -1,4 +1,4 @@
-"""Triton kernels of VTU attention (DESIGN.md section 3); the launcher is ``vtu/triton.py``.
+"""Triton kernels of VTU attention (README, Semantics: VTU); the launcher is ``vtu/triton.py``.
 
 Three kernels, in the order they run:
 

@@ -14,7 +14,7 @@ QKV projection). Attention goes through ``torch.nn.functional.scaled_dot_product
 whatever ``config._attn_implementation`` says, with the log-size bias as an additive mask in
 the activation dtype (bf16 rounds log(size) to about 3 significant digits, as the official code).
 
-Token order: a merge step reorders rows to [unmerged even rows ; odd rows] (DESIGN.md section 2
+Token order: a merge step reorders rows to [unmerged even rows ; odd rows] (README, Semantics: DToMe
 rule 6) even when nothing merges; ``pos_map`` gives the row of every original token, so
 ``out.last_hidden_state.gather(1, pos_map)`` lays the tokens out in the original order again.
 """

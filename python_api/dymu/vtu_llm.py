@@ -4,7 +4,7 @@ The LLM receives merged rows (inputs_embeds [B, Nu, H]) plus a map from every fu
 its merged row (pos_map [B, Nf]). Norms, projections and MLPs act per row, so they run on the
 Nu merged rows only; self-attention runs through ``dymu_kernels.vtu_attention``, which computes
 causal attention over the Nf full positions (RoPE from the model's own rotary embedding at the
-full positions) and averages the outputs back into merged rows (DESIGN.md section 3).
+full positions) and averages the outputs back into merged rows (README, Semantics: VTU).
 
 How it hooks in: for the duration of one call, every decoder layer's ``self_attn.forward`` is
 replaced (an instance attribute, removed again in a ``finally``) by a function that projects
@@ -179,6 +179,9 @@ def _plan(
         raise ValueError(f"inputs_embeds must be [B, Nu, H] merged rows with H = {hidden}, got {shape}")
     if not inputs_embeds.is_floating_point():
         raise TypeError(f"inputs_embeds must be floating point, got {inputs_embeds.dtype}")
+    model_dtype = model.get_input_embeddings().weight.dtype
+    if inputs_embeds.dtype != model_dtype:
+        raise TypeError(f"inputs_embeds dtype {inputs_embeds.dtype} differs from the model's {model_dtype}: cast one of them")
     bsz, nu, _ = inputs_embeds.shape
     device = inputs_embeds.device
     if nu < 1:
