@@ -41,6 +41,7 @@ import torch
 
 import dymu_kernels as dk
 from dymu_kernels._validate import values_checkable
+from dymu_kernels.vtu.reference import apply_rope
 
 __all__ = ["VTUCausalLMOutput", "generate", "supported_model_classes", "vtu_forward"]
 
@@ -240,11 +241,6 @@ def _plan(
 # ----------------------------------------------------------------------------- the per-layer patch
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _vtu_attention_forward(attn, plan: _Plan):
     """A replacement for ``attn.forward`` (LlamaAttention / MistralAttention / Qwen2Attention)."""
 
@@ -270,7 +266,7 @@ def _vtu_attention_forward(attn, plan: _Plan):
             v_full = v.gather(2, gather.expand(bsz, v.shape[1], nf, v.shape[3]))
             cos = plan.cos[:, None].to(k.dtype)
             sin = plan.sin[:, None].to(k.dtype)
-            k_full = k_full * cos + _rotate_half(k_full) * sin
+            k_full = apply_rope(k_full, cos, sin)
             keep = plan.valid[:, None, :, None]
             k_full = torch.where(keep, k_full, 0)
             v_full = torch.where(keep, v_full, 0)
