@@ -137,7 +137,9 @@ def test_scatter_merge_arbitrary_map(backend, dtype):
     x = torch.where(row_map[..., None] >= 0, x, float("nan")).to(dtype)  # unmapped rows: NaN
     x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
     x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
-    assert torch.equal(s_out.cpu(), s_ref)  # fp32 sums in index order, like the reference
+    # Non-integer sizes: the kernel sums a row's sources BLOCK_S at a time (a fixed tree, not
+    # index order), so the fp32 sums agree to rounding; integer counts (DToMe's sizes) are exact.
+    assert torch.allclose(s_out.cpu(), s_ref, rtol=1e-6, atol=0)
     assert not x_out.cpu().isnan().any()
     assert torch.allclose(x_out.cpu().float(), x_ref.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
     assert (x_out.cpu()[:, 5:] == 0).all() and (s_out.cpu()[:, 5:] == 0).all()

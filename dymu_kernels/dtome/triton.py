@@ -16,6 +16,7 @@ Limitations: metric dim C <= 128 (padded to a power of two >= 16 inside); see th
 top of ``triton_kernels.py`` for the cost model of the merge kernel.
 """
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -24,7 +25,9 @@ import triton
 from .. import _alloc
 from .._backends import triton_interpreting
 from .reference import DToMeResult
-from .triton_kernels import merge_kernel, select_kernel, similarity_kernel
+from .triton_kernels import (
+    group_rows_kernel, merge_kernel, select_kernel, similarity_combine_kernel, similarity_kernel,
+)
 
 SUPPORTED = frozenset(
     {"bipartite_similarity", "select_edges", "scatter_merge", "dtome_merge", "batch_threshold"}
@@ -33,17 +36,34 @@ SUPPORTED = frozenset(
 
 # ----------------------------------------------------------------------------- launch configs
 
+# Programs the similarity grid aims for: enough to fill an H100/H200 (132 SMs) about twice.
+_TARGET_PROGRAMS = 264
 
-def _similarity_config(n: int, c: int) -> dict:
-    """Block sizes / warps of the similarity kernel (tl.dot needs every dim >= 16).
 
-    C is walked in chunks of BLOCK_K = 16 whatever its size, so c does not pick a variant.
+def _similarity_config(n: int, c: int, bsz: int = 1, dtype: torch.dtype = torch.float16) -> dict:
+    """Block sizes / warps / destination splits of the similarity kernel (tl.dot needs dims >= 16).
+
+    C is walked in chunks of BLOCK_K = 16 whatever its size, so c does not pick a variant. When
+    B * source tiles is small (B = 1, N = 577: 10 tiles), the destinations are split over
+    ``splits`` programs per tile as well, each writing its best edge to a scratch row that a
+    second small kernel reduces in split order (the same decisions as one program).
     """
-    block_a = max(16, min(64, triton.next_power_of_2((n + 1) // 2)))
-    block_b = max(16, min(64, triton.next_power_of_2(max(n // 2, 1))))
-    # 64 x 64 fp32 tiles with 4 warps need 255 registers and spill (fp32 metric); 8 warps do not.
-    num_warps = 8 if block_a * block_b >= 64 * 64 else 4
-    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=16, num_warps=num_warps)
+    if dtype == torch.float32:
+        # fp32 tiles of 32 x 64 spill 8-32 B of stack on sm_90 at 4 or 8 warps, pipelined or not
+        # (measured with the runtime specialisation); 16 x 32 with 8 warps and no pipelining has
+        # 40-48 registers and no spill on sm_80 / sm_90 for C = 64 and C = 72.
+        cap_a, cap_b, num_warps, num_stages = 16, 32, 8, 1
+    else:
+        cap_a, cap_b, num_warps, num_stages = 32, 64, 4, 3
+    block_a = max(16, min(cap_a, triton.next_power_of_2((n + 1) // 2)))
+    block_b = max(16, min(cap_b, triton.next_power_of_2(max(n // 2, 1))))
+    tiles = triton.cdiv((n + 1) // 2, block_a)
+    dst_blocks = max(1, triton.cdiv(n // 2, block_b))
+    splits = max(1, min(dst_blocks, triton.cdiv(_TARGET_PROGRAMS, max(1, bsz * tiles))))
+    dst_per_split = triton.cdiv(dst_blocks, splits) * block_b
+    splits = max(1, triton.cdiv(max(n // 2, 1), dst_per_split))
+    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_K=16, num_warps=num_warps, num_stages=num_stages,
+                splits=splits, dst_per_split=dst_per_split)
 
 
 def _select_config(n: int) -> dict:
@@ -51,16 +71,34 @@ def _select_config(n: int) -> dict:
     return dict(BLOCK=block, num_warps=4 if block <= 512 else 8)
 
 
+def _group_config(n: int) -> dict:
+    block = max(16, min(64, triton.next_power_of_2(n)))
+    return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
+
+
 def _merge_config(n: int, d: int) -> dict:
-    """BLOCK_R output rows x BLOCK_D features per program (about 4096 fp32 accumulators)."""
-    block_d = max(16, min(2048, triton.next_power_of_2(max(d, 1))))
-    block_r = max(1, min(16, 4096 // block_d))
-    block_i = max(16, min(256, triton.next_power_of_2(n)))
-    num_warps = 4 if block_r * block_d <= 2048 else 8
-    return dict(BLOCK_R=block_r, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_P=16, num_warps=num_warps)
+    """BLOCK_R output rows x BLOCK_S sources x BLOCK_D features per step (2048 fp32 lanes).
+
+    BLOCK_D is the power of two in 32..256 that pads D least (ties -> the larger block), so
+    SigLIP's D = 1152 takes 9 blocks of 128 with no masked lane; the grid covers D.
+    """
+    d = max(d, 1)
+    block_d = min((256, 128, 64, 32), key=lambda blk: (triton.cdiv(d, blk) * blk - d, -blk))
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    block_s = 4
+    block_r = max(1, 2048 // (block_s * block_d))
+    return dict(BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_P=16, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def _device_guard(device: torch.device):
+    """Launch on the tensors' device (and its current stream), not the current one: with
+    tensors on cuda:1 (HF device_map="auto") Triton would otherwise use cuda:0's stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _launch_similarity(metric, lengths, protect_first):
@@ -70,11 +108,24 @@ def _launch_similarity(metric, lengths, protect_first):
     node_idx = _alloc.empty((bsz, num_src), torch.int32, metric.device)
     if bsz == 0:
         return node_max, node_idx
-    cfg = _similarity_config(n, c)
-    grid = (triton.cdiv(num_src, cfg["BLOCK_A"]), bsz)
-    similarity_kernel[grid](
-        metric, lengths.contiguous(), node_max, node_idx, n, c, *metric.stride(), PROTECT_FIRST=protect_first, **cfg
-    )
+    cfg = _similarity_config(n, c, bsz, metric.dtype)
+    splits, dst_per_split = cfg.pop("splits"), cfg.pop("dst_per_split")
+    if splits > 1:
+        part_max = torch.empty((splits, bsz, num_src), dtype=torch.float32, device=metric.device)
+        part_idx = torch.empty((splits, bsz, num_src), dtype=torch.int32, device=metric.device)
+    else:
+        part_max, part_idx = node_max, node_idx
+    grid = (triton.cdiv(num_src, cfg["BLOCK_A"]), splits, bsz)
+    with _device_guard(metric.device):
+        similarity_kernel[grid](
+            metric, lengths.contiguous(), part_max, part_idx, n, c, *metric.stride(), dst_per_split,
+            PROTECT_FIRST=protect_first, **cfg,
+        )
+        if splits > 1:
+            total = bsz * num_src
+            similarity_combine_kernel[(triton.cdiv(total, 1024),)](
+                part_max, part_idx, node_max, node_idx, total, splits, BLOCK=1024, num_warps=4
+            )
     return node_max, node_idx
 
 
@@ -84,10 +135,11 @@ def _launch_select(node_max, node_idx, lengths, threshold, num_rows, protect_fir
     new_lengths = _alloc.empty((bsz,), torch.int32, node_max.device)
     if bsz == 0:
         return row_map, new_lengths
-    select_kernel[(bsz,)](
-        node_max.contiguous(), node_idx.contiguous(), lengths.contiguous(), threshold.contiguous(),
-        row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, **_select_config(num_rows),
-    )
+    with _device_guard(node_max.device):
+        select_kernel[(bsz,)](
+            node_max.contiguous(), node_idx.contiguous(), lengths.contiguous(), threshold.contiguous(),
+            row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, **_select_config(num_rows),
+        )
     return row_map, new_lengths
 
 
@@ -98,16 +150,25 @@ def _launch_merge(x, size, row_map, pos_map):
     has_pos = pos_map is not None
     n0 = pos_map.shape[1] if has_pos else 0
     pos_out = _alloc.empty((bsz, n0), torch.int32, x.device)
-    if bsz == 0:
+    if bsz == 0 or n == 0:
+        if n == 0:
+            pos_out.fill_(-1)
         return x_out, size_out, pos_out
+    row_map = row_map.contiguous()
+    order = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
+    start = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
+    count = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
+    gcfg = _group_config(n)
     cfg = _merge_config(n, d)
     grid = (triton.cdiv(n, cfg["BLOCK_R"]), bsz, max(1, triton.cdiv(d, cfg["BLOCK_D"])))
     pos_in = pos_map.contiguous() if has_pos else row_map  # a dummy pointer when absent
-    merge_kernel[grid](
-        x, size.contiguous(), row_map.contiguous(), x_out, size_out, pos_in, pos_out,
-        n, d, n0, *x.stride(), HAS_POS_MAP=has_pos,
-        BF16_BY_BITS=x.dtype == torch.bfloat16 and triton_interpreting(), **cfg,
-    )
+    with _device_guard(x.device):
+        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](row_map, order, start, count, n, **gcfg)
+        merge_kernel[grid](
+            x, size.contiguous(), order, start, count, row_map, x_out, size_out, pos_in, pos_out,
+            n, d, n0, *x.stride(), HAS_POS_MAP=has_pos,
+            BF16_BY_BITS=x.dtype == torch.bfloat16 and triton_interpreting(), **cfg,
+        )
     return x_out, size_out, pos_out
 
 
@@ -247,49 +308,80 @@ def batch_threshold(node_max: torch.Tensor, r: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- compile specs
-# The kernels with the block sizes and warps their launchers pick for CLIP ViT-L/14-336
-# (N = 577 tokens, metric C = 64, features D = 1024), fp16 activations.
+# The kernels with the block sizes and warps their launchers pick, specialised as the runtime
+# specialises them (``dymu_kernels.compile_check``): pointers from torch allocations are
+# 16-aligned, contiguous inputs have a last stride of 1 (a constexpr at run time) and, where
+# the model's width is a multiple of 16, row and batch strides divisible by 16. Shapes:
+# CLIP ViT-L/14-336 (N = 577, metric C = 64, D = 1024, CLS) and SigLIP SO400M (N = 729, C = 72,
+# D = 1152: strides not divisible by 16, so no vector hint on the metric); every activation
+# dtype the ops and the model layer accept (the three kernels read one dtype each, so mixed
+# x / metric dtypes are covered too); plus one variant per kernel with no specialisation at all
+# (arbitrary strides, e.g. keys sliced out of a fused qkv).
 
-_CLIP_N, _CLIP_C, _CLIP_D = 577, 64, 1024
+_SHAPES = {"CLIP": (577, 64, 1024, True), "SigLIP": (729, 72, 1152, False)}
+_DTYPES = ("fp16", "bf16", "fp32")
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _spec(name, kernel, signature, cfg, **constexprs):
-    cfg = dict(cfg)
+def _spec(name, kernel, signature, cfg, specialize=None, vectorized_loads=False, **constexprs):
+    cfg = {k: v for k, v in cfg.items() if k not in ("splits", "dst_per_split")}
     num_warps = cfg.pop("num_warps")
+    num_stages = cfg.pop("num_stages", 3)
     constexprs.update(cfg)
     signature = dict(signature, **{k: "constexpr" for k in constexprs})
-    return dict(name=name, kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps)
+    spec = dict(name=name, kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                num_stages=num_stages)
+    if specialize:
+        spec["specialize"] = specialize
+    if vectorized_loads:
+        spec["vectorized_loads"] = True
+    return spec
 
 
-COMPILE_SPECS = [
-    _spec(
-        f"dtome.similarity[{dtype}, protect={protect}]",
-        similarity_kernel,
-        {"metric_ptr": f"*{dtype}", "lengths_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
-         "N": "i32", "C": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_mc": "i32"},
-        _similarity_config(_CLIP_N, _CLIP_C),
-        PROTECT_FIRST=protect,
-    )
-    for dtype, protect in (("fp16", False), ("fp16", True), ("bf16", True), ("fp32", True))
-] + [
-    _spec(
-        "dtome.select",
-        select_kernel,
-        {"node_max_ptr": "*fp32", "node_idx_ptr": "*i32", "lengths_ptr": "*i32", "tau_ptr": "*fp32",
-         "row_map_ptr": "*i32", "new_lengths_ptr": "*i32", "N": "i32"},
-        _select_config(_CLIP_N),
-        PROTECT_FIRST=True,
-    ),
-] + [
-    _spec(
-        f"dtome.merge[{dtype}, pos_map={has_pos}]",
-        merge_kernel,
-        {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "row_map_ptr": "*i32", "x_out_ptr": f"*{dtype}",
-         "size_out_ptr": "*fp32", "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "N": "i32", "D": "i32",
-         "N0": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"},
-        _merge_config(_CLIP_N, _CLIP_D),
-        HAS_POS_MAP=has_pos,
-        BF16_BY_BITS=False,
-    )
-    for dtype, has_pos in (("fp16", False), ("fp16", True), ("bf16", True), ("fp32", True))
-]
+def _pointers(signature):
+    return [k for k, v in signature.items() if v.startswith("*")]
+
+
+def _specs():
+    specs = []
+    for dtype in _DTYPES:
+        sig = {"metric_ptr": f"*{dtype}", "lengths_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
+               "N": "i32", "C": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_mc": "i32",
+               "dst_per_split": "i32"}
+        for shape, (n, c, _, protect) in _SHAPES.items():
+            aligned = c % 16 == 0
+            specialize = {"divisible_by_16": _pointers(sig) + (["C", "stride_mb", "stride_mn"] if aligned else []),
+                          "equal_to_1": ["stride_mc"]}
+            specs.append(_spec(f"dtome.similarity[{shape} {dtype}, runtime]", similarity_kernel, sig,
+                               _similarity_config(n, c, dtype=_TORCH[dtype]), specialize, vectorized_loads=aligned,
+                               PROTECT_FIRST=protect))
+        specs.append(_spec(f"dtome.similarity[{dtype}, any strides]", similarity_kernel, sig,
+                           _similarity_config(577, 64, dtype=_TORCH[dtype]), PROTECT_FIRST=False))
+    sig = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
+           "total": "i32", "num_splits": "i32"}
+    specs.append(_spec("dtome.similarity_combine", similarity_combine_kernel, sig, dict(BLOCK=1024, num_warps=4),
+                       {"divisible_by_16": _pointers(sig)}))
+    sig = {"node_max_ptr": "*fp32", "node_idx_ptr": "*i32", "lengths_ptr": "*i32", "tau_ptr": "*fp32",
+           "row_map_ptr": "*i32", "new_lengths_ptr": "*i32", "N": "i32"}
+    for shape, (n, _, _, protect) in _SHAPES.items():
+        specs.append(_spec(f"dtome.select[{shape}]", select_kernel, sig, _select_config(n),
+                           {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect))
+    sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "N": "i32"}
+    specs.append(_spec("dtome.group_rows", group_rows_kernel, sig, _group_config(577), {"divisible_by_16": _pointers(sig)}))
+    for dtype in _DTYPES:
+        sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "start_ptr": "*i32",
+               "count_ptr": "*i32", "row_map_ptr": "*i32", "x_out_ptr": f"*{dtype}", "size_out_ptr": "*fp32",
+               "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "N": "i32", "D": "i32", "N0": "i32",
+               "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+        specialize = {"divisible_by_16": _pointers(sig) + ["D", "stride_xb", "stride_xn"], "equal_to_1": ["stride_xd"]}
+        for shape, (n, _, d, _) in _SHAPES.items():
+            for has_pos in (False, True):
+                specs.append(_spec(f"dtome.merge[{shape} {dtype}, pos_map={has_pos}, runtime]", merge_kernel, sig,
+                                   _merge_config(n, d), specialize, vectorized_loads=True,
+                                   HAS_POS_MAP=has_pos, BF16_BY_BITS=False))
+        specs.append(_spec(f"dtome.merge[{dtype}, pos_map=True, any strides]", merge_kernel, sig,
+                           _merge_config(577, 1024), HAS_POS_MAP=True, BF16_BY_BITS=False))
+    return specs
+
+
+COMPILE_SPECS = _specs()

@@ -38,17 +38,18 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["N", "stride_mb", "stride_mn"])
+@triton.jit(do_not_specialize=["N", "dst_per_split"])
 def similarity_kernel(
     metric_ptr,  # [B, N, C] fp16/bf16/fp32, any strides
-    lengths_ptr,  # [B] int32
-    node_max_ptr,  # [B, NA] fp32 out
-    node_idx_ptr,  # [B, NA] int32 out
+    lengths_ptr,  # [B] int32 (clamped to [0, N] here)
+    node_max_ptr,  # [S, B, NA] fp32 out (S = number of destination splits; S = 1: the output)
+    node_idx_ptr,  # [S, B, NA] int32 out
     N,
     C,
     stride_mb,
     stride_mn,
     stride_mc,
+    dst_per_split,  # destinations per split, a multiple of BLOCK_B
     PROTECT_FIRST: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -57,14 +58,15 @@ def similarity_kernel(
     # C is walked in chunks of BLOCK_K (>= 16, masked past C): the FMA lowering of an IEEE fp32
     # dot keeps whole operand tiles in registers, and a full 64 x 64 x 64 tile spills.
     pid_a = tl.program_id(0)
-    b = tl.program_id(1)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
     num_src = (N + 1) // 2
-    t = tl.load(lengths_ptr + b)
+    t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N never read past N
     base = metric_ptr + b.to(tl.int64) * stride_mb
     kc = tl.arange(0, BLOCK_K)
 
     src = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)  # source i is row 2i
-    src_ok = 2 * src < t  # t <= N, so this also keeps the loads in bounds
+    src_ok = 2 * src < t
     if PROTECT_FIRST:
         src_ok = src_ok & (src != 0)
     a_ptr = base + (2 * src)[:, None].to(tl.int64) * stride_mn
@@ -79,9 +81,11 @@ def similarity_kernel(
     best = tl.full([BLOCK_A], float("-inf"), tl.float32)
     best_row = tl.full([BLOCK_A], -1, tl.int32)
     num_dst = t // 2  # valid odd rows: 1, 3, ..., < t
-    for start in range(0, num_dst, BLOCK_B):
+    lo = split * dst_per_split
+    hi = tl.minimum(lo + dst_per_split, num_dst)
+    for start in range(lo, hi, BLOCK_B):
         dst = start + tl.arange(0, BLOCK_B)  # destination j is row 2j + 1
-        dst_ok = dst < num_dst
+        dst_ok = dst < hi
         m_ptr = base + (2 * dst + 1)[None, :].to(tl.int64) * stride_mn  # loaded transposed: [K, BLOCK_B]
         m_sq = tl.zeros([BLOCK_B], tl.float32)
         for c0 in range(0, C, BLOCK_K):
@@ -97,7 +101,8 @@ def similarity_kernel(
             a = tl.div_rn(a.to(tl.float32), a_norm[:, None])  # m / max(||m||, 1e-12), as F.normalize
             m = tl.div_rn(m.to(tl.float32), m_norm[None, :])
             scores = tl.dot(a, m, scores, input_precision="ieee")  # [BLOCK_A, BLOCK_B] fp32
-        scores = tl.where(dst_ok[None, :], scores, float("-inf"))
+        # NaN rule: a NaN score (a non-finite metric row) never forms an edge.
+        scores = tl.where(dst_ok[None, :] & (scores == scores), scores, float("-inf"))
         tile_best = tl.max(scores, axis=1)
         tile_arg = tl.argmax(scores, axis=1, tie_break_left=True)  # ties -> smallest row
         better = tile_best > best  # strict: an earlier (smaller) row keeps a tie
@@ -105,10 +110,35 @@ def similarity_kernel(
         best_row = tl.where(better, 2 * (start + tile_arg) + 1, best_row)
 
     found = src_ok & (best > float("-inf"))
-    out = b.to(tl.int64) * num_src + src
+    out = (split * tl.num_programs(2) + b).to(tl.int64) * num_src + src
     store_ok = src < num_src
-    tl.store(node_max_ptr + out, tl.where(src_ok, best, float("-inf")), mask=store_ok)
+    tl.store(node_max_ptr + out, tl.where(found, best, float("-inf")), mask=store_ok)
     tl.store(node_idx_ptr + out, tl.where(found, best_row, -1), mask=store_ok)
+
+
+@triton.jit(do_not_specialize=["total", "num_splits"])
+def similarity_combine_kernel(
+    part_max_ptr,  # [S, B, NA] fp32: each destination split's best edge
+    part_idx_ptr,  # [S, B, NA] int32
+    node_max_ptr,  # [B, NA] fp32 out
+    node_idx_ptr,  # [B, NA] int32 out
+    total,  # B * NA
+    num_splits,
+    BLOCK: tl.constexpr,
+):
+    # Splits in order with a strict test: the smaller row (an earlier split) keeps a tie.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    best = tl.load(part_max_ptr + offs, mask=ok, other=float("-inf"))
+    best_row = tl.load(part_idx_ptr + offs, mask=ok, other=-1)
+    for s in range(1, num_splits):
+        m = tl.load(part_max_ptr + s * total + offs, mask=ok, other=float("-inf"))
+        i = tl.load(part_idx_ptr + s * total + offs, mask=ok, other=-1)
+        better = m > best
+        best = tl.where(better, m, best)
+        best_row = tl.where(better, i, best_row)
+    tl.store(node_max_ptr + offs, best, mask=ok)
+    tl.store(node_idx_ptr + offs, best_row, mask=ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -126,7 +156,7 @@ def select_kernel(
     b = tl.program_id(0)
     num_src = (N + 1) // 2
     num_dst = N // 2
-    t = tl.load(lengths_ptr + b)
+    t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N act as N
     tau = tl.load(tau_ptr + b)
     nm_base = node_max_ptr + b.to(tl.int64) * num_src
     idx_base = node_idx_ptr + b.to(tl.int64) * num_src
@@ -190,11 +220,50 @@ def round_to_bf16(v):
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["N", "N0", "stride_xb", "stride_xn"])
+@triton.jit(do_not_specialize=["N"])
+def group_rows_kernel(
+    row_map_ptr,  # [B, N] int32, contiguous: output row of every input row (< 0 or >= N: none)
+    order_ptr,  # [B, N] int32 out: input rows sorted by output row, stable (unmapped rows last)
+    start_ptr,  # [B, N] int32 out: first position in order of output row r's sources
+    count_ptr,  # [B, N] int32 out: number of sources of output row r
+    N,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    # A counting sort without atomics: rank(i) = #{j : key_j < key_i} + #{j < i : key_j = key_i},
+    # counted against every row in chunks of BLOCK_J; O(N^2) compares per image, all in registers.
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    base = b.to(tl.int64) * N
+    i = pid * BLOCK_I + tl.arange(0, BLOCK_I)  # input rows, and output rows for start / count
+    i_ok = i < N
+    key_i = tl.load(row_map_ptr + base + i, mask=i_ok, other=-1)
+    key_i = tl.where((key_i >= 0) & (key_i < N), key_i, N)
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    below = tl.zeros([BLOCK_I], tl.int32)
+    same = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, N, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        key_j = tl.load(row_map_ptr + base + j, mask=j < N, other=-1)
+        key_j = tl.where((key_j >= 0) & (key_j < N), key_j, N)
+        key_j = tl.where(j < N, key_j, N + 1)  # past the row: after everything, counted nowhere
+        before = (key_j[None, :] < key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum(before.to(tl.int32), axis=1)
+        below += tl.sum((key_j[None, :] < i[:, None]).to(tl.int32), axis=1)
+        same += tl.sum((key_j[None, :] == i[:, None]).to(tl.int32), axis=1)
+    tl.store(order_ptr + base + rank, i, mask=i_ok)  # a permutation: no two rows share a rank
+    tl.store(start_ptr + base + i, below, mask=i_ok)
+    tl.store(count_ptr + base + i, same, mask=i_ok)
+
+
+@triton.jit(do_not_specialize=["N", "N0"])
 def merge_kernel(
     x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides
     size_ptr,  # [B, N] fp32, contiguous
-    row_map_ptr,  # [B, N] int32, contiguous
+    order_ptr,  # [B, N] int32: rows grouped by output row (group_rows_kernel)
+    start_ptr,  # [B, N] int32: first source of output row r in order
+    count_ptr,  # [B, N] int32: number of sources of output row r
+    row_map_ptr,  # [B, N] int32, contiguous (read for pos_map only)
     x_out_ptr,  # [B, N, D] x.dtype out, contiguous
     size_out_ptr,  # [B, N] fp32 out
     pos_map_ptr,  # [B, N0] int32 (HAS_POS_MAP), contiguous
@@ -208,7 +277,7 @@ def merge_kernel(
     HAS_POS_MAP: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,  # round bf16 outputs by hand (interpreter only)
     BLOCK_R: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -218,32 +287,31 @@ def merge_kernel(
     row_base = b.to(tl.int64) * N
     x_base = x_ptr + b.to(tl.int64) * stride_xb
     out_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's output rows
+    r_ok = out_rows < N
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    lanes = tl.arange(0, BLOCK_I)
+    first = tl.load(start_ptr + row_base + out_rows, mask=r_ok, other=0)
+    count = tl.load(count_ptr + row_base + out_rows, mask=r_ok, other=0)
+    ks = tl.arange(0, BLOCK_S)
 
+    # Every output row gathers BLOCK_S of its sources per step (a [BLOCK_R, BLOCK_S, BLOCK_D]
+    # tile), in index order, summed in a fixed tree: bit-identical run to run.
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, N, BLOCK_I):
-        rows = start + lanes
-        mapped = tl.load(row_map_ptr + row_base + rows, mask=rows < N, other=-1)
-        hit = mapped[None, :] == out_rows[:, None]  # [BLOCK_R, BLOCK_I]: row i feeds output row r
-        most = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-        for _ in range(0, most):  # each output row takes its next source, in index order
-            i = tl.min(tl.where(hit, rows[None, :], N), axis=1)  # [BLOCK_R]; N: none left
-            has = i < N
-            hit = hit & (rows[None, :] != i[:, None])
-            s = tl.load(size_ptr + row_base + i, mask=has, other=0.0)
-            xi = tl.load(
-                x_base + i[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-                mask=has[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            acc += xi.to(tl.float32) * s[:, None]
-            total += s
+    for k0 in range(0, tl.max(count, axis=0), BLOCK_S):
+        k = k0 + ks
+        has = k[None, :] < count[:, None]  # [BLOCK_R, BLOCK_S]
+        i = tl.load(order_ptr + row_base + first[:, None] + k[None, :], mask=has, other=0)
+        s = tl.load(size_ptr + row_base + i, mask=has, other=0.0)
+        xi = tl.load(
+            x_base + i[:, :, None].to(tl.int64) * stride_xn + offs_d[None, None, :] * stride_xd,
+            mask=has[:, :, None] & d_ok[None, None, :],
+            other=0.0,
+        )
+        acc += tl.sum(xi.to(tl.float32) * s[:, :, None], axis=1)
+        total += tl.sum(s, axis=1)
 
     mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
-    r_ok = out_rows < N
     out_ptrs = x_out_ptr + (row_base + out_rows)[:, None] * D + offs_d[None, :]
     if BF16_BY_BITS:
         tl.store(out_ptrs, round_to_bf16(mean), mask=r_ok[:, None] & d_ok[None, :])
