@@ -179,6 +179,17 @@ def test_compile_specs_match_kernel_signatures():
         assert list(spec["signature"]) == list(spec["kernel"].arg_names), spec["name"]
         constexpr = {k for k, v in spec["signature"].items() if v == "constexpr"}
         assert constexpr == set(spec["constexprs"]), spec["name"]
+        special = spec.get("specialize", {})
+        for name in special.get("divisible_by_16", []) + special.get("equal_to_1", []):
+            assert spec["signature"][name] != "constexpr", (spec["name"], name)
+    # strides are specialised at run time (divisibility / == 1 hints); only sizes are not
+    import inspect
+    import re
+
+    from dymu_kernels.dtome import triton_kernels as tk
+
+    lists = re.findall(r"do_not_specialize=\[([^\]]*)\]", inspect.getsource(tk))
+    assert len(lists) == 5 and not any("stride" in names for names in lists), lists
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -195,3 +206,168 @@ def test_scatter_merge_several_chunks(backend, n, d):
     x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
     assert torch.equal(s_out.cpu(), s_ref)
     assert torch.allclose(x_out.cpu(), x_ref, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU-fault fixes (issue 14)
+
+
+def _backend():
+    from dymu_kernels.dtome import triton as tb
+
+    return tb
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_lengths_past_n_are_clamped(backend):
+    # Unvalidated lengths > N (and < 0) act as N (and 0), as the reference treats them: nothing
+    # is read past the metric / x. Called on the backend directly (the op layer always
+    # validates CPU tensors).
+    tb = _backend()
+    bsz, n, c, d = 3, 21, 16, 8
+    x, metric, size, _ = make_inputs(bsz, n, c, d, torch.float32, [n] * bsz, seed=5)
+    wild = torch.tensor([n + 1000, -7, n], dtype=torch.int32)
+    clamped = wild.clamp(0, n)
+    tau = torch.full((bsz,), 0.2)
+    ref = dk.dtome_merge(x, metric, size, clamped, tau, protect_first=True, backend="reference")
+    res = tb.dtome_merge(*_to(x, metric, size, wild, tau), None, True)
+    assert torch.equal(res.lengths.cpu(), ref.lengths) and torch.equal(res.row_map.cpu(), ref.row_map)
+    assert torch.allclose(res.x.cpu(), ref.x, atol=1e-6)
+    nm, ni = tb.bipartite_similarity(*_to(metric, wild), False)
+    nm_ref, ni_ref = dk.bipartite_similarity(metric, clamped, backend="reference")
+    assert torch.equal(ni.cpu(), ni_ref) and torch.allclose(nm.cpu(), nm_ref, atol=1e-6)
+    if DEV.type == "cuda":  # the public op with validation off takes the same path
+        out = dk.dtome_merge(*_to(x, metric, size, wild), 0.2, protect_first=True, backend=backend, validate=False)
+        assert torch.equal(out.row_map.cpu(), ref.row_map)
+
+
+def _nan_rule_expectation(metric, lengths):
+    """node_max / node_idx with the NaN rule: NaN scores never form an edge (float64)."""
+    bsz, n, _ = metric.shape
+    m = metric.double()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)
+    dst_ok = (torch.arange(1, n, 2) < lengths[:, None])[:, None, :]
+    scores = torch.where(dst_ok & ~scores.isnan(), scores, -math.inf)
+    src_ok = torch.arange(0, n, 2) < lengths[:, None]
+    best = scores.amax(-1)
+    best = torch.where(src_ok, best, -math.inf)
+    idx = torch.where(best > -math.inf, 2 * scores.argmax(-1) + 1, -1)
+    return best, idx
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_nan_metric_rows_never_form_edges(backend):
+    bsz, n, c = 2, 41, 12
+    g = torch.Generator().manual_seed(21)
+    metric = torch.randn(bsz, n, c, generator=g)
+    metric[0, 3, 5] = math.nan  # a destination with a NaN value: never chosen
+    metric[0, 7, 0] = math.inf  # a destination with an inf value: its normalised row is NaN
+    metric[0, 4, 2] = math.nan  # a source with a NaN value: all its scores NaN -> -inf, -1
+    metric[1, 0::2] = math.nan  # image 1: every source all-NaN
+    lengths = torch.tensor([n, 30], dtype=torch.int32)
+    metric[1, 30:] = 5.0
+    want_max, want_idx = _nan_rule_expectation(metric, lengths)
+    nm, ni = dk.bipartite_similarity(metric.to(DEV), lengths.to(DEV), backend=backend)
+    nm, ni = nm.cpu(), ni.cpu()
+    assert not nm.isnan().any()
+    assert nm[0, 2] == -math.inf and ni[0, 2] == -1  # source row 4
+    assert (nm[1] == -math.inf).all() and (ni[1] == -1).all()
+    assert not ((ni[0] == 3) | (ni[0] == 7)).any()
+    finite = want_max > -math.inf
+    assert torch.equal(nm > -math.inf, finite)
+    assert torch.allclose(nm[finite].double(), want_max[finite], atol=1e-5)
+    assert torch.equal(ni[finite], want_idx[finite].int())
+    # and the whole step: a NaN score never merges, whatever the threshold
+    x = torch.randn(bsz, n, 6, generator=g)
+    res = dk.dtome_merge(*_to(x, metric, torch.ones(bsz, n), lengths), -math.inf, backend=backend)
+    assert int(res.row_map[0, 4]) >= 0 and not res.x.cpu()[0, : int(res.lengths[0])].isnan().any()
+    assert torch.equal(res.lengths.cpu()[1], lengths[1])  # image 1: nothing merged
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_flat_image_every_source_into_one_destination(backend, dtype):
+    # A flat image: all rows identical, so every source picks row 1 (ties -> smallest row) and
+    # one output row receives 31 sources: many BLOCK_S steps of one row's sorted sources.
+    bsz, n, c, d = 1, 63, 16, 40
+    g = torch.Generator().manual_seed(4)
+    metric = torch.randn(1, 1, c, generator=g).expand(bsz, n, c).to(dtype).contiguous()
+    x = torch.randn(bsz, n, d, generator=g).to(dtype)
+    size = torch.randint(1, 5, (bsz, n), generator=g).float()
+    lengths = torch.tensor([n], dtype=torch.int32)
+    ref = dk.dtome_merge(x, metric, size, lengths, 0.5, backend="reference")
+    res = dk.dtome_merge(*_to(x, metric, size, lengths), 0.5, backend=backend)
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.lengths.cpu(), ref.lengths)
+    assert int((ref.row_map[0, 0::2] == int(ref.row_map[0, 1])).sum()) == 31
+    assert torch.equal(res.size.cpu(), ref.size)  # integer counts: exact in any order
+    assert torch.allclose(res.x.cpu().float(), ref.x.float(), atol=2e-3 if dtype == torch.float16 else 1e-6)
+
+
+def test_launches_are_guarded_by_the_tensors_device(monkeypatch):
+    # Every launch runs inside _device_guard(tensor.device) (so Triton uses that device's
+    # current stream), and for CUDA devices the guard is torch.cuda.device(that device).
+    tb = _backend()
+    entered = []
+    real = tb._device_guard
+
+    def spy(device):
+        entered.append(device)
+        return real(device)
+
+    monkeypatch.setattr(tb, "_device_guard", spy)
+    x, metric, size, lengths = make_inputs(2, 9, 4, 4, torch.float32, [9, 6], seed=2)
+    tb.dtome_merge(*_to(x, metric, size, lengths), torch.full((2,), 0.1).to(DEV), None, False)
+    assert entered and all(dev == x.to(DEV).device for dev in entered)
+    assert len(entered) == 3  # similarity, selection, merge (the split combine shares a guard)
+
+    seen = []
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            seen.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    with real(torch.device("cuda", 1)):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+    with real(torch.device("cpu")):  # CPU tensors (interpreter): no CUDA call at all
+        pass
+    assert seen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_the_second_gpu():
+    dev = torch.device("cuda", 1)
+    x, metric, size, lengths = make_inputs(2, 40, 16, 24, torch.float16, [40, 33], seed=3)
+    ref = dk.dtome_merge(x, metric, size, lengths, 0.3, protect_first=True, backend="reference")
+    assert torch.cuda.current_device() == 0
+    stream = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(stream):  # a non-default current stream on cuda:1
+        res = dk.dtome_merge(x.to(dev), metric.to(dev), size.to(dev), lengths.to(dev), 0.3,
+                             protect_first=True, backend="triton")
+    stream.synchronize()
+    assert res.x.device == dev
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.lengths.cpu(), ref.lengths)
+    assert torch.allclose(res.x.cpu().float(), ref.x.float(), atol=2e-3)
+
+
+def test_similarity_grid_splits_destinations_when_small():
+    tb = _backend()
+    cfg = tb._similarity_config(577, 64, 1, torch.float16)
+    programs = triton_cdiv(289, cfg["BLOCK_A"]) * cfg["splits"]
+    assert programs >= 40, cfg  # was 5 programs at B = 1
+    assert cfg["splits"] * cfg["dst_per_split"] >= 288 and cfg["dst_per_split"] % cfg["BLOCK_B"] == 0
+    assert tb._similarity_config(577, 64, 64, torch.float16)["splits"] == 1
+    # D = 1152 (SigLIP): 9 blocks of 128, no masked lane; D = 1024: 4 of 256
+    assert tb._merge_config(729, 1152)["BLOCK_D"] == 128 and tb._merge_config(577, 1024)["BLOCK_D"] == 256
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
