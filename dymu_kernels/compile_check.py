@@ -66,7 +66,7 @@ def _resource_usage(cubin: bytes, workdir: str):
 def vectorized_loads(ptx: str) -> dict:
     """Counts of global loads in a PTX text: {"vector": ld.global...v2/v4, "scalar": the other
     ld.global, "cp_async": cp.async}."""
-    vector = len(re.findall(r"\bld\.global[.a-z0-9_:]*\.v[24]\.", ptx))
+    vector = len(re.findall(r"\bld\.global[.\w:]*\.v[24]\.", ptx))
     scalar = len(re.findall(r"\bld\.global\b", ptx)) - vector
     return {"vector": vector, "scalar": scalar, "cp_async": len(re.findall(r"\bcp\.async\.(ca|cg)\b", ptx))}
 
