@@ -12,6 +12,7 @@ import dymu_kernels as dk
 from baselines import official_style_dtome_merge
 from harness import DEVICE, kernel_backends, sync
 from memory import peak_bytes
+from roofline import dtome_merge_cost
 
 SHAPES = {"CLIP-L/14-336": (577, 64, 1024, True), "SigLIP-SO400M": (729, 72, 1152, False)}
 BATCHES = (1, 8, 64)
@@ -53,7 +54,8 @@ def test_dtome_merge(benchmark, shape, batch, impl):
             return out
     benchmark.group = f"dtome_merge {shape} B={batch}"
     benchmark.extra_info.update(impl=impl, op="dtome_merge", shape=f"{shape} B={batch}", device=str(DEVICE),
-                                peak_bytes=peak_bytes(run))
+                                peak_bytes=peak_bytes(run),
+                                roofline=dtome_merge_cost(batch, *SHAPES[shape][:3], dtype="fp32").as_dict())
     result = benchmark(run)
     if impl != "official-eager":
         kept = result.lengths.float().mean().item()

@@ -13,6 +13,7 @@ import dymu_kernels as dk
 from baselines import fast_path_vtu_attention
 from harness import DEVICE, kernel_backends, sync
 from memory import peak_bytes
+from roofline import vtu_attention_cost
 
 # name: (Hq, Hkv, D, text_prefix, image_tokens, text_suffix, image_rows_kept)
 SHAPES = {
@@ -62,6 +63,8 @@ def test_vtu_attention(benchmark, shape, dtype, impl):
     nf, hq, d = pos_map.shape[1], q.shape[1], q.shape[3]
     benchmark.group = f"vtu_attention {shape} {str(dtype).replace('torch.', '')}"
     benchmark.extra_info.update(impl=impl, op="vtu_attention", shape=f"{shape} {dtype}", device=str(DEVICE),
-                                flops=2 * 2 * nf * nf * d * hq / 2, peak_bytes=peak_bytes(run))
+                                flops=2 * 2 * nf * nf * d * hq / 2, peak_bytes=peak_bytes(run),
+                                roofline=vtu_attention_cost(1, hq, k.shape[1], d, nf, q.shape[2],
+                                                            str(dtype).replace("torch.", "")).as_dict())
     out = benchmark(run)
     assert out.shape == q.shape and not out.isnan().any()

@@ -124,7 +124,8 @@ def load_results(path) -> tuple:
         impl = extra.get("impl") or params.get("impl") or params.get("backend") or bench.get("param") or bench.get("name", "?")
         rows.append({"name": bench.get("name"), "group": group, "op": str(op), "shape": str(shape), "impl": str(impl),
                      "median": float(stats["median"]), "iqr": float(stats.get("iqr", 0.0)), "rounds": stats.get("rounds"),
-                     "peak_bytes": extra.get("peak_bytes"), "device": extra.get("device")})
+                     "peak_bytes": extra.get("peak_bytes"), "device": extra.get("device"),
+                     "roofline": extra.get("roofline")})
     return _machine_from_json(data), rows
 
 
@@ -211,10 +212,77 @@ def render_markdown(machine: dict, rows, source: str | None = None) -> str:
             for shape in entry["shapes"]:
                 cells = [_format_bytes((entry["cells"].get((shape, impl)) or {}).get("peak_bytes")) for impl in entry["impls"]]
                 lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+        lines += _roofline_lines(machine, op, entry)
         lines.append("")
     if not rows:
         lines += ["No benchmarks in this file.", ""]
+    model = roofline_model_table()
+    if model:
+        lines += ["## Roofline for the LLaVA-1.5 and LLaVA-OneVision shapes (model, not measured)", "", model, ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# roofline (benchmarks/roofline.py: ideal HBM bytes, FLOPs, the kernels' own tiling bytes)
+
+# HBM bytes/s, bf16 tensor FLOP/s, fp32 FLOP/s; the same figures as benchmarks/roofline.py
+ROOFLINE_GPUS = {"H100": (3.35e12, 989e12, 67e12), "H200": (4.8e12, 989e12, 67e12), "A100": (2.0e12, 312e12, 19.5e12)}
+
+
+def _roofline_gpu(machine: dict):
+    name = (machine.get("gpu") or "").upper()
+    return next((key for key in ROOFLINE_GPUS if key in name), None)
+
+
+def roofline_seconds(roof: dict, gpu: str) -> float:
+    """max(ideal bytes / bandwidth, FLOPs / peak) on ``gpu`` for a benchmark's ``roofline`` info."""
+    bandwidth, tensor_peak, fp32_peak = ROOFLINE_GPUS[gpu]
+    peak = tensor_peak if roof.get("tensor_cores") else fp32_peak
+    return max(roof["ideal_bytes"] / bandwidth, roof["flops"] / peak)
+
+
+def _roofline_lines(machine: dict, op: str, entry: dict) -> list:
+    """A table of the model's bytes / FLOPs per shape beside the measured medians: on an
+    H100/H200/A100 the fraction of the roofline each implementation reaches (roofline time /
+    median); elsewhere the H100 roofline time for reference."""
+    shapes = [shape for shape in entry["shapes"]
+              if any((entry["cells"].get((shape, impl)) or {}).get("roofline") for impl in entry["impls"])]
+    if not shapes:
+        return []
+    gpu = _roofline_gpu(machine)
+    impls = [impl for impl in entry["impls"] if impl not in BASELINES] or entry["impls"]
+    head = ["shape", "ideal bytes", "kernel bytes", "GFLOP", f"{gpu or 'H100'} roofline"]
+    head += [f"{impl} of roofline" for impl in impls] if gpu else []
+    lines = ["", f"Roofline ({op}; model from benchmarks/roofline.py"
+             + (f", fractions on this {gpu}):" if gpu else "; no H100/H200/A100 here, so no fraction):"), "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for shape in shapes:
+        roof = next(r["roofline"] for r in (entry["cells"].get((shape, i)) for i in entry["impls"]) if r and r.get("roofline"))
+        seconds = roofline_seconds(roof, gpu or "H100")
+        cells = [shape, _format_bytes(roof["ideal_bytes"]), _format_bytes(roof["kernel_bytes"]),
+                 f"{roof['flops'] / 1e9:.3g}", format_time(seconds)]
+        if gpu:
+            for impl in impls:
+                row = entry["cells"].get((shape, impl))
+                cells.append(f"{100 * seconds / row['median']:.3g}%" if row and row["median"] > 0 else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def roofline_model_table():
+    """The "model, not measured" markdown table of benchmarks/roofline.py, or None when that
+    file cannot be found (the report then leaves it out)."""
+    import importlib.util
+
+    try:
+        path = find_benchmarks_dir() / "roofline.py"
+        spec = importlib.util.spec_from_file_location("dymu_benchmarks_roofline", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module.model_table()
+    except Exception:  # noqa: BLE001 - the report works without the model
+        return None
 
 
 def _label_log_axis(ax, label) -> None:
