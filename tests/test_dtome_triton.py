@@ -371,3 +371,15 @@ def test_similarity_grid_splits_destinations_when_small():
 
 def triton_cdiv(a, b):
     return -(-a // b)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_batch_threshold_counts_nan_as_minus_inf(backend):
+    # unvalidated NaN scores (validation is off by default for GPU tensors): NaN acts as -inf
+    tb = _backend()
+    node_max = torch.tensor([[0.9, math.nan, 0.5, 0.2], [math.nan, 0.7, -math.inf, 0.4]])
+    as_inf = torch.where(node_max.isnan(), -math.inf, node_max)
+    for r in (0, 1, 2, 3):
+        want = dk.batch_threshold(as_inf, r, backend="reference")
+        got = tb.batch_threshold(node_max.to(DEV), r)
+        assert float(got) == float(want), r

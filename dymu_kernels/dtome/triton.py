@@ -7,10 +7,14 @@ near-ties (scores within rounding of tau or of a runner-up). The kernels are in
 ``triton_kernels.py``; each op is a ``torch.library`` custom op (``dymu::triton_*``) with a fake
 kernel, so it runs under FakeTensorMode and torch.compile.
 
-Launches: bipartite_similarity 1, select_edges 1, scatter_merge 1, dtome_merge 3
-(similarity, selection, merge + pos_map). batch_threshold is torch.topk on the device (no
-host sync; not a Triton kernel). No op synchronises with the host; no atomics at all, so every
-output is bit-identical run to run.
+Launches: bipartite_similarity 1 (2 when the destinations are split over programs: small
+grids), select_edges 1, scatter_merge 2 (grouping, merge), dtome_merge 4 or 5 (similarity
+[+ combine], selection, grouping, merge + pos_map). Every launch runs under
+``torch.cuda.device(tensor.device)``, so tensors on another GPU than the current one launch
+there, on that device's current stream. batch_threshold is torch.topk on the device (no host
+sync; not a Triton kernel; a NaN score counts as -inf there). No op
+synchronises with the host; no atomics at all, so every output is bit-identical run to run.
+Unvalidated lengths outside [0, N] act as clamped to [0, N].
 
 Limitations: metric dim C <= 128 (padded to a power of two >= 16 inside); see the notes at the
 top of ``triton_kernels.py`` for the cost model of the merge kernel.
@@ -240,6 +244,7 @@ def _(x, metric, size, lengths, threshold, pos_map, protect_first):
 @torch.library.custom_op("dymu::triton_batch_threshold", mutates_args=())
 def _batch_threshold_op(node_max: torch.Tensor, r: int) -> torch.Tensor:
     flat = node_max.reshape(-1).float()
+    flat = torch.where(flat.isnan(), float("-inf"), flat)  # NaN rule: a NaN score counts as -inf
     k = node_max.shape[0] * r + 1
     if k > flat.numel():  # a shape test, not a data read
         return torch.zeros((), dtype=torch.float32, device=node_max.device)

@@ -1,31 +1,43 @@
 """Triton kernels of one DToMe merge step (README, Semantics: DToMe); launchers live in ``triton.py``.
 
-Three kernels, one launch each, so a fused merge step is three launches:
+Five kernels; a fused merge step is four launches (five when the similarity grid is split):
 
-- ``similarity_kernel``: grid (cdiv(ceil(N/2), BLOCK_A), B). Normalises a tile of source rows
+- ``similarity_kernel``: grid (cdiv(ceil(N/2), BLOCK_A), S, B). Normalises a tile of source rows
   (even rows, read straight from the strided metric) in fp32 and streams the destination rows
-  (odd rows) through ``tl.dot(..., input_precision="ieee")`` in tiles of BLOCK_B (C in chunks
-  of BLOCK_K = 16, masked), keeping a running row max / argmax; the [N/2, N/2] score matrix
-  never exists in memory.
+  (odd rows) of its split through ``tl.dot(..., input_precision="ieee")`` in tiles of BLOCK_B
+  (C in chunks of BLOCK_K = 16, masked), keeping a running row max / argmax; the [N/2, N/2] score
+  matrix never exists in memory. With S > 1 destination splits (small grids: B = 1 at N = 577
+  would be 10 programs for 132 SMs) each split writes its best edge to a scratch row and
+  ``similarity_combine_kernel`` reduces the splits in order (strict test: ties keep the
+  smaller row, exactly as one program would).
 - ``select_kernel``: grid (B,). One program per image: the strict threshold test, the cap rule,
   and stream compaction of the new order into ``row_map`` with ``tl.cumsum`` (two passes over
   chunks of BLOCK, so any N works).
-- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). The program of BLOCK_R output
-  rows scans its image's row_map once per chunk of BLOCK_I rows, and each output row takes its
-  sources one at a time in index order, accumulating in fp32; then it writes the size-weighted
-  mean (or zeros). No atomics: bit-identical run to run. The programs with pid(2) == 0 also
+- ``group_rows_kernel``: grid (cdiv(N, BLOCK_I), B). A counting sort of the rows by output row
+  without atomics (rank = rows with a smaller key + equal keys before it): ``order`` lists every
+  output row's sources contiguously in index order, with ``start`` / ``count`` per output row.
+- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). Each output row gathers its
+  sources BLOCK_S at a time (a [BLOCK_R, BLOCK_S, BLOCK_D] tile of independent loads), sums
+  them in fp32 and writes the size-weighted mean (or zeros). The programs with pid(2) == 0 also
   compose ``pos_map`` with ``row_map`` (the blocks of pos_map strided over the grid).
 
+Rules every kernel keeps: integer sizes (N, N0, split sizes) are do_not_specialize, strides
+are not (so the runtime's divisibility-by-16 and == 1 specialisation gives vectorised gathers);
+lengths are clamped to [0, N] (unvalidated GPU inputs never read past the rows); a NaN score
+never forms an edge (a source whose scores are all NaN / -inf gets -inf and -1); no atomics,
+so every output is bit-identical run to run.
+
 Limitations (honest notes):
-- Verified under TRITON_INTERPRET=1 and by compiling for sm_80 / sm_90 (no spills); not yet
-  run or timed on a GPU. On a GPU the merge accumulation may be contracted into FMAs, so x can
-  differ from the reference in the last bit (sizes and every index output are exact).
-- The merge kernel re-reads the image's row_map (N int32) once per BLOCK_R output rows:
-  O(N^2 / BLOCK_R) integer reads per image, served from L1/L2; small next to the O(N*D)
-  feature traffic for ViT sizes (N <= ~1000), but it grows quadratically for very long rows.
-- Sources are taken one per output row per step (one block reduction each); a block of rows
-  loops as often as its busiest row has sources, so an output row that receives very many
-  sources (e.g. every source merging into one destination) costs one step per source.
+- Verified under TRITON_INTERPRET=1 and by compiling the runtime-specialised variants for
+  sm_80 / sm_90 (no spills, vectorised gathers: ``python -m dymu_kernels.compile_check``); not
+  yet run or timed on a GPU. On a GPU the merge accumulation may be contracted into FMAs, so x
+  can differ from the reference in the last bits (index outputs are exact; sizes are exact for
+  integer counts, and agree to rounding otherwise, since a row's sources are summed BLOCK_S at
+  a time in a fixed tree rather than one by one).
+- The grouping kernel compares every row with every row of its image: O(N^2) integer compares
+  in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000).
+- An output row with very many sources (every source of a flat image into one destination)
+  takes cdiv(count, BLOCK_S) steps; its neighbours in the block wait for it.
 - Scores use IEEE fp32 dots (no TF32), so the similarity kernel runs on the FMA units, not the
   tensor cores; at C <= 128 this is a small part of a step. Source chunks are re-read (from
   L1/L2) for every destination tile, since a runtime loop over C cannot keep them in registers.
