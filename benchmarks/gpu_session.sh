@@ -19,4 +19,5 @@ python -m dymu_kernels
 out="${OUT:-}"
 python -m pytest -q -x tests -m "not slow" -p no:cacheprovider 2>&1 | tail -30
 python -m pytest -q benchmarks --benchmark-enable --benchmark-json="${out:-.}/gpu_benchmark.json" 2>&1 | tail -60
+python benchmarks/roofline.py --json "${out:-.}/gpu_benchmark.json" || true  # medians beside the roofline
 python -m dymu bench --render "${out:-.}/gpu_benchmark.json" --out "${out:-benchmarks/results/gpu}" || true

@@ -230,7 +230,15 @@ def main(argv=None) -> int:
     print(model_table())
     if args.json:
         data = json.load(open(args.json))
-        gpu = gpu_of(((data.get("machine_info") or {}).get("dymu") or {}).get("gpu"))
+        name = ((data.get("machine_info") or {}).get("dymu") or {}).get("gpu")
+        if name is None:  # a plain pytest-benchmark file: the GPU of this machine, if any
+            try:
+                import torch
+
+                name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            except Exception:  # noqa: BLE001
+                name = None
+        gpu = gpu_of(name)
         print()
         print("| benchmark | median | ideal bytes | kernel bytes | GFLOP | roofline | fraction |")
         print("|---|---:|---:|---:|---:|---:|---:|")
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
                    f"{_fmt_bytes(cost.kernel_bytes)} | {cost.flops / 1e9:.3g} | "
             if gpu:
                 roof_s = cost.roofline_s(gpu)
-                line += f"{_fmt_time(roof_s)} | {roof_s / median:.2f} |"
+                line += f"{_fmt_time(roof_s)} | {100 * roof_s / median:.3g}% |"
             else:
                 line += "– | – |"
             print(line)
