@@ -383,3 +383,49 @@ def test_batch_threshold_counts_nan_as_minus_inf(backend):
         want = dk.batch_threshold(as_inf, r, backend="reference")
         got = tb.batch_threshold(node_max.to(DEV), r)
         assert float(got) == float(want), r
+
+
+@pytest.mark.parametrize("shape, dtype", [((577, 64, 1024, True), torch.float16), ((729, 72, 1152, False), torch.float32),
+                                          ((577, 64, 1024, True), torch.bfloat16)], ids=["CLIP-fp16", "SigLIP-fp32", "CLIP-bf16"])
+def test_compile_specs_cover_what_the_launchers_run(monkeypatch, shape, dtype):
+    # The launchers' real block sizes, warps and stages at the model shapes are compiled by the
+    # compile check, and its runtime variants claim no specialisation the arguments lack.
+    tb = _backend()
+    n, c, d, cls = shape
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+            return launch
+
+    for name in ("similarity_kernel", "similarity_combine_kernel", "select_kernel", "group_rows_kernel", "merge_kernel"):
+        monkeypatch.setattr(tb, name, Recorder(getattr(tb, name)))
+    x = torch.zeros(1, n, d, dtype=dtype)
+    metric = torch.zeros(1, n, c, dtype=dtype)
+    tb.dtome_merge(x, metric, torch.ones(1, n), torch.full((1,), n, dtype=torch.int32), torch.zeros(1),
+                   torch.zeros(1, n, dtype=torch.int32), cls)
+    assert len(launches) == 5  # B = 1: the destination split is on
+    for kernel, args, kwargs in launches:
+        kwargs = {k: v for k, v in kwargs.items() if k != "BF16_BY_BITS"}
+        names = list(kernel.arg_names)
+        values = dict(zip(names, args))
+        matches = [s for s in tb.COMPILE_SPECS if s["kernel"] is kernel and "any strides" not in s["name"]
+                   and s["num_warps"] == kwargs.get("num_warps", 4) and s["num_stages"] == kwargs.get("num_stages", 3)
+                   and all(s["constexprs"].get(k) == v for k, v in kwargs.items() if k not in ("num_warps", "num_stages"))]
+        ptr_type = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+        data = next((k for k in ("metric_ptr", "x_ptr") if k in names), None)
+        if data is not None:  # the kernels that read activations: the variant of this dtype
+            matches = [s for s in matches if s["signature"][data] == ptr_type]
+        assert matches, (kernel.__name__, kwargs)
+        for spec in matches:
+            special = spec.get("specialize", {})
+            for arg in special.get("equal_to_1", []):
+                assert values[arg] == 1, (spec["name"], arg)
+            for arg in special.get("divisible_by_16", []):
+                value = values[arg]
+                assert (value.data_ptr() % 16 == 0) if isinstance(value, torch.Tensor) else value % 16 == 0, (spec["name"], arg)
