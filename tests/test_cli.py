@@ -74,6 +74,8 @@ def place(tmp_path):
         "out": str(tmp_path / "thr.json"),
         "missing": str(tmp_path / "missing"),
         "clip": folder("tiny_clip", TINY_CLIP),
+        "siglip": folder("siglip", {"model_type": "siglip", "vision_config": {"num_hidden_layers": 2, "patch_size": 14}}),
+        "dinov2": folder("dinov2", {"model_type": "dinov2"}),  # every value at transformers' default
         "llama": folder("llama", {"model_type": "llama"}),
         "registers": folder("registers", {"model_type": "dinov2_with_registers"}),
         "no_config": folder("no_config"),
@@ -98,6 +100,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 BAD_ARGUMENTS = [
     # dymu calibrate
     ("output-folder-missing", _calibrate(output="{missing}/t.json"), "does not exist; create it first"),
+    ("output-empty", _calibrate(output=""), "--output is empty"),
     ("output-is-folder", _calibrate(output="{tmp}"), "is a folder: give a file name"),
     ("r-count", _calibrate(r="1,2"), "--r has 2 values but the model has 12 layers"),
     ("r-count-folder", _calibrate(model="{clip}", r="1,2,3,4"), "--r has 4 values but the model has 3 layers"),
@@ -112,6 +115,8 @@ BAD_ARGUMENTS = [
     ("batch-size-not-int", _calibrate("--batch-size", "x"), "argument --batch-size: invalid int value"),
     ("image-size", _calibrate("--image-size", "225"), "--image-size 225 is not a multiple of the model's patch size 14; use e.g. 224 or 238"),
     ("image-size-folder", _calibrate("--image-size", "50", model="{clip}", r="1"), "patch size 16"),
+    ("r-count-nested-config", _calibrate(model="{siglip}", r="1,2,3"), "--r has 3 values but the model has 2 layers"),
+    ("image-size-default-config", _calibrate("--image-size", "100", model="{dinov2}"), "patch size 14; use e.g. 98 or 112"),
     ("image-size-0", _calibrate("--image-size", "0"), "--image-size 0 is not a multiple"),
     pytest.param("device-cuda", _calibrate("--device", "cuda"), "--device cuda: ", marks=NO_CUDA),
     ("device-bogus", _calibrate("--device", "gpu0"), "is not a torch device"),

@@ -66,6 +66,8 @@ def check_device(text: str):
 
 def check_output_file(path: str, flag: str) -> None:
     """The file can be written: its folder exists and is writable, and it is not a folder."""
+    if not path:
+        raise CLIError(f"{flag} is empty; give the file to write, e.g. {flag} thresholds.json")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a folder: give a file name, e.g. {os.path.join(path, 'thresholds.json')!r}")
@@ -212,12 +214,21 @@ def model_facts(spec: str) -> ModelFacts:
     if model_type not in _MODEL_TYPES:
         raise CLIError(f"--model {spec!r} holds a {model_type!r} model; dymu calibrate supports CLIP, SigLIP and DINOv2 "
                        f"vision encoders (config.json model_type one of {', '.join(_MODEL_TYPES)})")
-    from transformers import AutoConfig
+    import warnings
 
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config-validation chatter (e.g. a default text tower's) is not ours to print
     try:
-        config = AutoConfig.from_pretrained(spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(spec)
     except Exception as err:  # a config transformers cannot read
         raise CLIError(f"--model: transformers cannot read {config_path} ({_one_line(err)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     vision = getattr(config, "vision_config", None) or config
     kind = _MODEL_TYPES[model_type]
     image_size = vision.image_size
