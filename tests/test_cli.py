@@ -267,3 +267,15 @@ def test_run_bench_writes_benchmark_json_whole(tmp_path):
     assert report.run_bench(out_dir=out, bench_dir=bench) == 0
     assert sorted(os.listdir(out)) == ["benchmark.json", "report.md", "report.png"]
     assert json.loads((out / "benchmark.json").read_text())["machine_info"]["dymu"]["tag"]
+
+
+def test_save_grid_writes_the_picture_whole(tmp_path):
+    import numpy as np
+
+    from dymu.visualize import group_image, save_grid
+
+    image = np.full((28, 28, 3), 100, dtype=np.uint8)
+    painted = group_image(image, torch.tensor([0, 0, 1, 1]), 2)
+    path = save_grid([("photo", [("a", image), ("b", painted)])], str(tmp_path / "grid.png"), title="t")
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    assert os.listdir(tmp_path) == ["grid.png"]
