@@ -279,3 +279,36 @@ def test_save_grid_writes_the_picture_whole(tmp_path):
     path = save_grid([("photo", [("a", image), ("b", painted)])], str(tmp_path / "grid.png"), title="t")
     assert open(path, "rb").read(4) == b"\x89PNG"
     assert os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_main_in_process_exit_codes(monkeypatch, capsys):
+    """main() returns the status (2 bad argument, 1 failure, 130 Ctrl-C) instead of raising."""
+    from dymu import cli
+
+    assert cli.main(["calibrate", "--model", "dinov2-s14", "--r", "2", "--output", "t.json", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "dymu calibrate: error: --batch-size must be a positive int, got 0\n"
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def broken(args):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    parser = cli.build_parser
+
+    def patched(func):
+        def build():
+            p = parser()
+            for action in p._subparsers._group_actions:
+                action.choices["info"].set_defaults(func=func)
+            return p
+        return build
+
+    monkeypatch.delenv("DYMU_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "build_parser", patched(interrupted))
+    assert cli.main(["info"]) == 130 and capsys.readouterr().err == "dymu info: interrupted\n"
+    monkeypatch.setattr(cli, "build_parser", patched(broken))
+    assert cli.main(["info"]) == 1
+    assert capsys.readouterr().err.startswith("dymu info: failed: RuntimeError: disk on fire second line (rerun with --debug")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["info", "--debug"])
