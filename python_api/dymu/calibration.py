@@ -30,6 +30,7 @@ import torch
 
 import dymu_kernels as dk
 
+from ._atomic import write_text
 from .encoders import DToMeEncoder, normalize_thresholds
 
 FORMAT_TAG = "dymu-thresholds"
@@ -180,7 +181,7 @@ def save_thresholds(
     """Write per-layer thresholds to a JSON file (the format is in this module's docstring).
 
     Args:
-        path: file to write (overwritten).
+        path: file to write (replaced atomically; its folder must exist).
         thresholds: one float per layer (+inf written as null), or a CalibratedThresholds.
         encoder_name: name of the encoder they were calibrated on (e.g. a hub id or folder).
         r_per_layer: merges per image per layer (default: thresholds.r_per_layer if present).
@@ -217,8 +218,7 @@ def save_thresholds(
         "num_images": num_images,
     }
     body = ",\n".join(f"  {json.dumps(key)}: {json.dumps(value, allow_nan=False)}" for key, value in data.items())
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("{\n" + body + "\n}\n")
+    write_text(path, "{\n" + body + "\n}\n")  # a temporary file renamed over path: never half-written
 
 
 def load_thresholds(path: Union[str, os.PathLike], num_layers: Optional[int] = None) -> CalibratedThresholds:

@@ -252,8 +252,9 @@ def run(
         timings = {"encoder_full": enc_full, "encoder": enc, "llm_full": llm_full, "llm": llm}
 
     report = os.path.join(out_dir, "demo_report.md")
-    with open(report, "w") as f:
-        f.write("# dymu demo\n\n" + "\n".join(lines) + f"\n\n![groups]({os.path.basename(grid_path)})\n")
+    from ._atomic import write_text
+
+    write_text(report, "# dymu demo\n\n" + "\n".join(lines) + f"\n\n![groups]({os.path.basename(grid_path)})\n")
     print()
     print(f"picture: {os.path.abspath(grid_path)}")
     print(f"report:  {os.path.abspath(report)}")

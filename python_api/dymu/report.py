@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._atomic import atomic_write, write_text
+
 BASELINES = ("official-eager", "fast-path")
 IMPL_ORDER = ("official-eager", "fast-path", "reference", "native", "triton")
 
@@ -363,7 +365,8 @@ def render_plot(machine: dict, rows, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as handle:  # never a half-written PNG
+        fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -381,7 +384,7 @@ def render_report(json_path, out_dir) -> dict:
     except ValueError:
         source = str(json_path)
     markdown = out_dir / "report.md"
-    markdown.write_text(render_markdown(machine, rows, source=source) + "\n")
+    write_text(markdown, render_markdown(machine, rows, source=source) + "\n")
     png = render_plot(machine, rows, out_dir / "report.png")
     return {"markdown": markdown, "png": png}
 
@@ -414,16 +417,20 @@ def run_bench(out_dir=None, keyword: str | None = None, bench_dir=None, pytest_a
     out_dir = Path(out_dir) if out_dir else bench_dir / "results" / machine["tag"]
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "benchmark.json"
-    command = [sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-enable", f"--benchmark-json={json_path}",
+    partial = out_dir / ".benchmark.json.partial"  # pytest writes here; benchmark.json only ever appears whole
+    command = [sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-enable", f"--benchmark-json={partial}",
                "-q", "-p", "no:cacheprovider", *(["-k", keyword] if keyword else []), *pytest_args]
     print("dymu bench: " + " ".join(command), flush=True)
-    code = subprocess.call(command, cwd=bench_dir.parent)
-    if not json_path.is_file():
-        print(f"dymu bench: pytest exited with {code} and wrote no results", file=sys.stderr)
-        return code or 1
-    data = json.loads(json_path.read_text())
+    try:
+        code = subprocess.call(command, cwd=bench_dir.parent)
+        if not partial.is_file():
+            print(f"dymu bench: pytest exited with {code} and wrote no results", file=sys.stderr)
+            return code or 1
+        data = json.loads(partial.read_text())
+    finally:
+        partial.unlink(missing_ok=True)
     data.setdefault("machine_info", {})["dymu"] = machine
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(json_path, json.dumps(data, indent=2) + "\n")
     paths = render_report(json_path, out_dir)
     print(f"dymu bench: {len(data.get('benchmarks', []))} benchmarks on {machine_line(machine)}")
     print(f"dymu bench: report  {paths['markdown']}")

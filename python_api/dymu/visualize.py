@@ -5,6 +5,7 @@ one token is filled with the group's average colour and outlined, so flat region
 become large patches and detailed regions keep their grid.
 """
 
+import os
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -68,6 +69,9 @@ def save_grid(rows: Sequence[Tuple[str, List[Tuple[str, np.ndarray]]]], path: st
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from ._atomic import atomic_write
+
+    with atomic_write(path, "wb") as handle:  # a temporary file renamed over path: never half-written
+        fig.savefig(handle, format=os.path.splitext(path)[1][1:] or "png", dpi=110)
     plt.close(fig)
     return path
