@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _backends
+from . import _backends, _ops
 from . import _validate as check
 from .dtome.reference import DToMeResult
 
@@ -21,10 +21,17 @@ MAX_HEAD_DIM = 128
 
 
 def _run(op: str, device: torch.device, backend: Optional[str], *args):
-    chosen = _backends.select(op, device, backend)
-    fn = getattr(_backends.module(chosen, _backends.FAMILIES[op]), op)
+    """Pick the backend for ``op`` (in Python, before the call) and run it.
+
+    Ops registered in ``_ops.SPECS`` go through their functional custom op
+    ``torch.ops.dymu.<op>(backend, *args)``, which torch.compile traces as one node; an op
+    not registered yet is called directly (eager only: it may break a compiled graph).
+    """
+    chosen = _backends.select_for_call(op, device, backend)
     with torch.no_grad():
-        return fn(*args)
+        if _ops.registered(op):
+            return _ops.call(op, chosen, *args)
+        return getattr(_backends.module(chosen, _backends.FAMILIES[op]), op)(*args)
 
 
 def _metric(metric: torch.Tensor) -> torch.Tensor:
