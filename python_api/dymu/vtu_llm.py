@@ -277,11 +277,13 @@ def _vtu_attention_forward(attn, plan: _Plan):
     return forward
 
 
+_MISSING = object()  # module level: torch.compile cannot trace a bare object() call
+
+
 @contextlib.contextmanager
 def _patched_attention(model, plan: _Plan) -> Iterator[None]:
     """Swap every layer's self_attn.forward for the VTU one; restored on exit, errors included."""
     saved: List[Tuple[torch.nn.Module, Any]] = []
-    _MISSING = object()
     try:
         for layer in model.model.layers:
             attn = layer.self_attn
