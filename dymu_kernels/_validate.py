@@ -11,6 +11,7 @@ call runs the metadata checks only.
 import math
 import numbers
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -117,3 +118,51 @@ def threshold(value, batch: int, device: torch.device, validate: Optional[bool])
     if math.isnan(value):
         raise ValueError("threshold must not be NaN (use +inf to merge nothing, -inf to merge every source)")
     return torch.full((batch,), value, dtype=torch.float32, device=device)
+
+
+def flag(name: str, value) -> bool:
+    """A bool argument (protect_first, causal): anything else is a TypeError (no truthy strings)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def count(name: str, value, low: int, high: int, meaning: str) -> int:
+    """An int (not bool; SymInt under torch.compile) in [low, high]."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int in [{low}, {high}] ({meaning}), got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}] ({meaning}), got {value!r}")
+    return int(value)
+
+
+def positive_finite(name: str, value, meaning: str) -> float:
+    """A real number > 0 and finite (e.g. the softmax scale); checked unless compiling."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling():
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number ({meaning}), got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0 ({meaning}), got {value}")
+    return value
+
+
+_GRAD_WARNED = set()
+
+
+def warn_if_grad(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """Warn once per op when an input requires grad under grad mode: the ops are inference-only
+    (their outputs never carry a graph). Not checked while torch.compile traces."""
+    if op in _GRAD_WARNED or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        _GRAD_WARNED.add(op)
+        warnings.warn(
+            f"dymu_kernels.{op} is inference-only: an input requires grad but the outputs carry no "
+            "gradient; call it under torch.no_grad() or torch.inference_mode() (warned once per op)",
+            UserWarning,
+            stacklevel=3,
+        )
