@@ -367,6 +367,10 @@ def vtu_forward(
 ) -> VTUCausalLMOutput:
     """One VTU forward pass of a Llama-family causal LM over merged rows (inference only).
 
+    Runs under ``torch.no_grad()``: the logits carry no autograd graph, even in grad mode
+    (call it under ``torch.no_grad()`` / ``torch.inference_mode()``). Compiles with
+    ``torch.compile(fullgraph=True)``; while compiling, the map's value checks are skipped.
+
     Args:
         model: LlamaForCausalLM (SmolLM included), MistralForCausalLM or Qwen2ForCausalLM.
         inputs_embeds: [B, Nu, H] merged rows in the model's dtype (text rows are ordinary
@@ -433,7 +437,8 @@ def generate(
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Generate tokens after a VTU prefill (inference only).
+    """Generate tokens after a VTU prefill (inference only: runs under ``torch.no_grad()``, no
+    gradient reaches the model).
 
     The prompt (merged rows + map, as for ``vtu_forward``) is prefilled with VTU attention,
     which also fills a standard full-length KV cache; the first token comes from the logits of
