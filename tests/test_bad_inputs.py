@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import dymu_kernels as dk
 from dymu_kernels import _validate
 from conftest import backend_params
+from dymu_kernels._backends import triton_interpreting
 
 B, N, C, D = 2, 9, 8, 6
 INF, NAN = math.inf, math.nan
@@ -281,9 +282,19 @@ def _flat(out):
     return [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
 
 
+def cpu_backend_params(op):
+    """backend_params for CPU tensors: Triton runs them only under TRITON_INTERPRET=1."""
+    out = []
+    for p in backend_params(op):
+        marks = list(p.marks)
+        if p.values[0] == "triton" and not triton_interpreting():
+            marks.append(pytest.mark.skip(reason="these tables use CPU tensors: Triton runs them only under TRITON_INTERPRET=1"))
+        out.append(pytest.param(p.values[0], marks=marks, id=p.id))
+    return out
+
+
 def _backends():
-    params = backend_params("dtome_merge")
-    return [(p.values[0], p.marks) for p in params]
+    return [(p.values[0], p.marks) for p in cpu_backend_params("dtome_merge")]
 
 
 def _params():
@@ -342,7 +353,7 @@ GRAD_CALLS = {
 
 
 @pytest.mark.parametrize("op", list(GRAD_CALLS))
-@pytest.mark.parametrize("backend", backend_params("dtome_merge"))
+@pytest.mark.parametrize("backend", cpu_backend_params("dtome_merge"))
 def test_requires_grad_warns_once_per_op(backend, op):
     _validate._GRAD_WARNED.discard(op)
     m = metric().requires_grad_()
@@ -378,7 +389,7 @@ def _settings(backend):
     return settings(max_examples=6 if backend == "triton" else 25, deadline=None)
 
 
-@pytest.mark.parametrize("backend", backend_params("dtome_merge"))
+@pytest.mark.parametrize("backend", cpu_backend_params("dtome_merge"))
 def test_nan_in_padding_equals_zeros_dtome(backend):
     @_settings(backend)
     @given(
@@ -410,7 +421,7 @@ def test_nan_in_padding_equals_zeros_dtome(backend):
 
 def _vtu_params():
     out = []
-    for p in backend_params("vtu_attention"):
+    for p in cpu_backend_params("vtu_attention"):
         marks = list(p.marks)
         if p.values[0] != "reference":
             marks.append(pytest.mark.skip(reason=VTU_MASKING_SKIP))
