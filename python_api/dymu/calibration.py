@@ -148,7 +148,9 @@ def calibrate_thresholds(
         if r_layers[layer] == 0:
             return None
         node_max, _ = dk.bipartite_similarity(metric, lengths, protect_first=protect, backend=backend)
-        tau = dk.batch_threshold(node_max, r_layers[layer], backend=backend)
+        # r above the M sources left: no (B*r + 1)-th score, threshold 0 (batch_threshold
+        # rejects r > M, so clamp to M, which gives that 0).
+        tau = dk.batch_threshold(node_max, min(r_layers[layer], node_max.shape[1]), backend=backend)
         sums[layer] += tau.to(torch.float64)
         counts[layer] += 1
         return tau
