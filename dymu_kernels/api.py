@@ -71,6 +71,9 @@ def bipartite_similarity(
         valid odd rows; -inf where row 2i is padding, protected, or has no valid destination.
         node_idx [B, ceil(N/2)] int32: the absolute (odd) row reaching it, smallest on ties;
         -1 where node_max is -inf.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.bipartite_similarity``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     _metric(metric)
     protect_first = check.flag("protect_first", protect_first)
@@ -113,6 +116,9 @@ def select_edges(
         row_map [B, N] int32: new row of every old row (merged sources -> their destination's
         new row; -1 for padding). New order: unmerged sources in order, then destinations.
         new_lengths [B] int32: lengths minus merges.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.select_edges``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     if not isinstance(num_rows, torch.SymInt) and (
         isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1
@@ -164,6 +170,9 @@ def scatter_merge(
 
     Returns:
         x_out [B, N, D] in x.dtype and size_out [B, N] float32; rows >= new_lengths are zero.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.scatter_merge``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
     bsz, n, _ = x.shape
@@ -219,6 +228,9 @@ def dtome_merge(
         pos_map [B, N0] int32 or None, row_map [B, N] int32). Kept rows come first in the order
         [unmerged sources ; destinations]; rows >= lengths are zero. The tensors keep the static
         upper bound N: shrinking to lengths.max() is the caller's (explicit, synchronising) step.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.dtome_merge``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
     _metric(metric)
@@ -262,6 +274,9 @@ def batch_threshold(
         0-dim float32 tensor: the (B*r + 1)-th largest node_max of the whole batch, clamped at
         >= 0 (0 when the batch has fewer than B*r + 1 finite scores). With the strict test at
         most B*r edges pass.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.batch_threshold``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("node_max", node_max, 2, (torch.float32,), "[B, M] float32")
     r = check.count("r", r, 0, node_max.shape[1], "merges per image, at most the M sources per image")
@@ -308,6 +323,9 @@ def vtu_attention(
     Returns:
         out [B, Hq, Nu, D] in q.dtype: for each merged row, the mean over the full positions that
         map to it of their attention outputs; rows no valid position maps to are zero.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.vtu_attention``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     for name, t, layout in (("q", q, "[B, Hq, Nu, D]"), ("k", k, "[B, Hkv, Nu, D]"), ("v", v, "[B, Hkv, Nu, D]")):
         check.tensor(name, t, 4, check.FLOAT_DTYPES, layout)
