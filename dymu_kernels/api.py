@@ -142,7 +142,7 @@ def select_edges(
     # Derive consistency with lengths instead of trusting it: an entry is an edge only at a
     # valid (unprotected) source whose node_idx is a valid destination (odd row < lengths).
     src_rows = torch.arange(0, num_rows, 2, device=device)
-    edge = (src_rows < lengths[:, None]) & (node_idx < lengths[:, None]) & (node_idx % 2 == 1)
+    edge = (src_rows < lengths[:, None]) & (node_idx >= 1) & (node_idx < lengths[:, None]) & (node_idx % 2 == 1)
     if protect_first:
         edge = edge & (src_rows > 0)
     node_max = torch.where(edge, node_max, float("-inf"))

@@ -233,6 +233,9 @@ CASES = {
         lambda be: dk.batch_threshold(torch.tensor([[0.5, NAN, 0.2]]), 1, backend=be), Same(lambda: torch.tensor(0.2))),
     "batch_threshold all NaN": (
         lambda be: dk.batch_threshold(torch.full((2, 3), NAN), 1, backend=be), Same(lambda: torch.tensor(0.0))),
+    "select finite node_max with node_idx -1 is no edge": (
+        lambda be: dk.select_edges(torch.tensor([[0.5, 0.9]]), torch.tensor([[-1, 3]], dtype=torch.int32), lengths(4), -INF, 4, backend=be),
+        Same(lambda: (torch.tensor([[0, 1, 2, 2]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)))),
     "select NaN node_max is no edge": (
         lambda be: dk.select_edges(torch.tensor([[NAN, 0.9]]), torch.tensor([[1, 3]], dtype=torch.int32), lengths(4), -INF, 4, backend=be),
         Same(lambda: (torch.tensor([[0, 1, 2, 2]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)))),
@@ -414,6 +417,15 @@ def test_nan_in_padding_equals_zeros_dtome(backend):
         sim0 = dk.bipartite_similarity(fill(m, 0.0), lens, protect_first=protect, backend=backend)
         sim1 = dk.bipartite_similarity(fill(m, NAN), lens, protect_first=protect, backend=backend)
         for a, b in zip(sim0, sim1):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # The unfused steps: garbage scores at padding sources change nothing either.
+        garbage = torch.where(torch.arange(0, n, 2)[None] >= lens[:, None], 0.99, sim0[0])
+        row_map, new_lengths = dk.select_edges(garbage, sim0[1], lens, tau, n, protect_first=protect, backend=backend)
+        want = dk.select_edges(*sim0, lens, tau, n, protect_first=protect, backend=backend)
+        assert torch.equal(row_map, want[0]) and torch.equal(new_lengths, want[1])
+        out0 = dk.scatter_merge(fill(x, 0.0), fill(size, 0.0), row_map, new_lengths, backend=backend)
+        out1 = dk.scatter_merge(fill(x, NAN), fill(size, NAN), row_map, new_lengths, backend=backend)
+        for a, b in zip(out0, out1):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     prop()

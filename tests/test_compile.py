@@ -193,6 +193,13 @@ def _opcheck_samples():
     }
 
 
+def test_every_public_op_is_registered():
+    """An op in _backends.FAMILIES without a dymu_kernels._ops.SPECS entry runs eagerly only
+    (it breaks a compiled graph): add its schema line there (see _ops' docstring)."""
+    missing = sorted(set(dk._backends.FAMILIES) - set(_ops.SPECS))
+    assert not missing, f"add an OpSpec to dymu_kernels/_ops.py SPECS for {missing}"
+
+
 def test_every_registered_op_has_opcheck_samples():
     assert set(_opcheck_samples()) == set(_ops.SPECS)
 
