@@ -18,11 +18,14 @@ import torch
 import dymu_kernels as dk
 from dymu_kernels import _ops
 from conftest import backend_params
+from dymu_kernels._backends import triton_interpreting
 
 B, N, C, D, N0 = 3, 11, 8, 16, 20
 Hq, Hkv, Nu, Nf, HD = 4, 2, 5, 9, 8
 
 CPU_BACKENDS = [p for p in backend_params("dtome_merge") if p.id != "triton"]
+# Triton on CPU tensors under the interpreter (tests only); on a GPU machine see the gpu tests.
+INTERPRETED = [p for p in backend_params("dtome_merge") if p.id == "triton" and triton_interpreting()]
 
 
 class Counting:
@@ -141,7 +144,7 @@ def test_op_compiles_fullgraph_equal_to_eager_without_recompiling(backend, name,
     assert counter.count == 1
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + INTERPRETED)
 def test_inductor_fullgraph_merge_and_vtu(backend):
     torch._dynamo.reset()
     case = _ops_under_test(backend)
@@ -205,7 +208,7 @@ def test_every_registered_op_has_opcheck_samples():
 
 
 @pytest.mark.parametrize("name", sorted(_ops.SPECS))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + INTERPRETED)
 def test_opcheck(backend, name):
     if not dk._backends.implements(backend, name):
         pytest.skip(f"{backend} does not implement {name}")
@@ -260,7 +263,27 @@ def test_vtu_forward_compiles_fullgraph(backend):
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, pos_map), eager, atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- CUDA graphs
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_op_compiles_fullgraph_on_cuda(name, dynamic):
+    """Every op on CUDA tensors (default backend: triton) compiles fullgraph, equal to eager."""
+    torch._dynamo.reset()
+    case = _ops_under_test(None)
+    fn, args = case(0)[name]
+    args = [a.cuda() for a in args]
+    counter = Counting()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=counter)
+    _assert_equal(compiled(*args), fn(*args))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _, args = case(1)[name]
+        args = [a.cuda() for a in args]
+        _assert_equal(compiled(*args), fn(*args))
+    assert counter.count == 1
+
 
 
 def _graph_replay(fn, make_args):
