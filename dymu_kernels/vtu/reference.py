@@ -75,9 +75,11 @@ def vtu_attention(
     finite = vf.isfinite()
     o = probs @ torch.where(finite, vf, 0.0)
     # Non-finite values at visible keys propagate as IEEE sums would: NaN if a visible value is
-    # NaN or both infinities are seen, else the infinity seen (counts via 0/1 matmuls).
-    flags = torch.cat([vf.isnan(), vf == float("inf"), vf == float("-inf")], dim=-1).float()
-    seen = allowed.float() @ flags  # [B, H, Nf, 3D]
+    # NaN or both infinities are seen, else the infinity seen. Visible keys of a valid query i
+    # are the valid j <= i (causal) or all valid j, so counts are a cumsum / sum over keys.
+    flags = torch.cat([vf.isnan(), vf == float("inf"), vf == float("-inf")], dim=-1)
+    flags = (flags & valid[:, None, :, None]).float()  # [B, H, Nf, 3D]
+    seen = flags.cumsum(dim=2) if causal else flags.sum(dim=2, keepdim=True)
     nan_seen, pos_seen, neg_seen = (seen[..., i * vf.shape[-1] : (i + 1) * vf.shape[-1]] > 0 for i in range(3))
     o = torch.where(pos_seen, float("inf"), o)
     o = torch.where(neg_seen, float("-inf"), o)
