@@ -35,7 +35,7 @@
 //     plus O(N) ints per image; never an [N/2, N/2] score matrix (scores live in a register
 //     tile of 4 x 16). Outputs are fresh tensors: for big batches the first-touch page faults
 //     of x_out cost about as much as the merge itself.
-//   - batch_threshold copies node_max and runs std::nth_element (linear time).
+//   - batch_threshold copies node_max (NaN -> -inf: no edge) and runs std::nth_element (linear time).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -607,12 +608,11 @@ void native_batch_threshold(const at::Tensor& node_max, int64_t r, const at::Ten
     return;
   }
   const float* data = node_max.data_ptr<float>();
-  std::vector<float> values(data, data + numel);
-  // Descending order with NaN largest (torch.topk's convention).
-  auto greater = [](float a, float b) { return (std::isnan(a) && !std::isnan(b)) || a > b; };
-  std::nth_element(values.begin(), values.begin() + (k - 1), values.end(), greater);
-  const float kth = values[k - 1];
-  *result = std::isnan(kth) ? kth : std::max(kth, 0.0f);
+  // NaN rule: a NaN score is no edge, i.e. counts as -inf.
+  std::vector<float> values(numel);
+  for (int64_t i = 0; i < numel; ++i) values[i] = std::isnan(data[i]) ? -kInf : data[i];
+  std::nth_element(values.begin(), values.begin() + (k - 1), values.end(), std::greater<float>());
+  *result = std::max(values[k - 1], 0.0f);
 }
 
 }  // namespace

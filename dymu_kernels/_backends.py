@@ -155,3 +155,17 @@ def describe() -> Dict[str, object]:
         info["native_built_with_cuda"] = _C.built_with_cuda()
         info["native_openmp_threads"] = _C.openmp_max_threads()
     return info
+
+
+def select_for_call(op: str, device: torch.device, backend: Optional[str]) -> str:
+    """``select`` as the public wrappers call it: while torch.compile traces, the choice is made
+    once at trace time and baked into the graph (DYMU_BACKEND is read then, not per call)."""
+    if torch.compiler.is_compiling():
+        return _select_constant(op, device.type, device.index, backend)
+    return select(op, device, backend)
+
+
+@torch.compiler.assume_constant_result
+def _select_constant(op: str, device_type: str, device_index, backend):
+    device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
+    return select(op, device, backend)

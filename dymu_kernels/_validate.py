@@ -3,11 +3,15 @@
 Shape, dtype and device checks always run (they read metadata only). Checks of tensor *values*
 (lengths and maps in range, no NaN threshold) need the data on the host: they run for CPU
 tensors always, and for GPU tensors only when validation is on (``validate=True`` or
-DYMU_VALIDATE=1), since they would otherwise synchronise. Meta and fake tensors are never read.
+DYMU_VALIDATE=1), since they would otherwise synchronise. Meta and fake tensors are never read,
+and no value is read while torch.compile traces (``torch.compiler.is_compiling()``): a compiled
+call runs the metadata checks only.
 """
 
 import math
+import numbers
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -26,6 +30,8 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def values_checkable(t: torch.Tensor, validate: Optional[bool]) -> bool:
     """Whether value checks may read ``t`` (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False  # reading values would break the graph (and sync on GPU)
     if t.is_meta or _is_fake(t):
         return False
     if t.device.type == "cpu":
@@ -87,17 +93,76 @@ def index_range(
 
 
 def threshold(value, batch: int, device: torch.device, validate: Optional[bool]) -> torch.Tensor:
-    """A float, or a 0-dim / [B] tensor -> float32 [B] on ``device``; NaN is an error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"threshold must be a float or a 0-dim / [B] tensor, got {type(value).__name__}")
-    if not isinstance(value, torch.Tensor):
-        if math.isnan(value):
+    """A real number or a 0-dim / [B] float tensor -> float32 [B] on ``device``; NaN is an error.
+
+    Numbers may be Python ints/floats, NumPy scalars or SymInt/SymFloat (under torch.compile).
+    A tensor may live on any device (a 0-dim CPU tensor is the usual case, as PyTorch treats
+    scalars): it is copied to ``device``. The NaN check reads the value: it is skipped while
+    compiling, and for a GPU tensor unless validating.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(f"threshold tensor must be 0-dim or [B] with B = {batch}, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"threshold tensor must be floating point, got {value.dtype}")
+        if values_checkable(value, validate) and bool(value.isnan().any()):
             raise ValueError("threshold must not be NaN (use +inf to merge nothing, -inf to merge every source)")
-        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
-    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
-        raise ValueError(f"threshold tensor must be 0-dim or [B] with B = {batch}, got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"threshold tensor must be floating point, got {value.dtype}")
-    if values_checkable(value, validate) and bool(value.isnan().any()):
+        return value.to(device=device, dtype=torch.float32).expand(batch).contiguous()
+    if isinstance(value, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling():
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+            raise TypeError(f"threshold must be a real number or a 0-dim / [B] tensor, got {type(value).__name__}")
+        return torch.full((batch,), value, dtype=torch.float32, device=device)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"threshold must be a real number or a 0-dim / [B] tensor, got {type(value).__name__}")
+    value = float(value)  # NumPy scalars too
+    if math.isnan(value):
         raise ValueError("threshold must not be NaN (use +inf to merge nothing, -inf to merge every source)")
-    return value.to(device=device, dtype=torch.float32).expand(batch).contiguous()
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
+
+
+def flag(name: str, value) -> bool:
+    """A bool argument (protect_first, causal): anything else is a TypeError (no truthy strings)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def count(name: str, value, low: int, high: int, meaning: str) -> int:
+    """An int (not bool; SymInt under torch.compile) in [low, high]."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int in [{low}, {high}] ({meaning}), got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}] ({meaning}), got {value!r}")
+    return int(value)
+
+
+def positive_finite(name: str, value, meaning: str) -> float:
+    """A real number > 0 and finite (e.g. the softmax scale); checked unless compiling."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling():
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number ({meaning}), got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0 ({meaning}), got {value}")
+    return value
+
+
+_GRAD_WARNED = set()
+
+
+def warn_if_grad(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """Warn once per op when an input requires grad under grad mode: the ops are inference-only
+    (their outputs never carry a graph). Not checked while torch.compile traces."""
+    if op in _GRAD_WARNED or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        _GRAD_WARNED.add(op)
+        warnings.warn(
+            f"dymu_kernels.{op} is inference-only: an input requires grad but the outputs carry no "
+            "gradient; call it under torch.no_grad() or torch.inference_mode() (warned once per op)",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -4,13 +4,20 @@ This is the one place that checks inputs and picks a backend; the backends (``dt
 ``vtu/*.py``) receive normalised arguments. Every op is inference-only (no autograd), never
 synchronises with the host (value checks on GPU tensors only with ``validate=True`` or
 DYMU_VALIDATE=1), and accepts ``backend=None | "reference" | "native" | "triton"``.
+
+Every op is a ``torch.library`` custom op ``torch.ops.dymu.<op>`` (see ``_ops.py``), so it
+traces whole under torch.compile (``fullgraph=True``) and in CUDA graphs. While compiling,
+the wrappers run the metadata checks (types, ranks, dtypes, shapes, devices) but skip every
+check that reads tensor values (lengths / maps in range, NaN thresholds): validate eagerly
+first. Inputs that require grad under grad mode get one warning per op (inference-only: run
+under ``torch.no_grad()`` or ``torch.inference_mode()``).
 """
 
 from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _backends
+from . import _backends, _ops
 from . import _validate as check
 from .dtome.reference import DToMeResult
 
@@ -21,10 +28,17 @@ MAX_HEAD_DIM = 128
 
 
 def _run(op: str, device: torch.device, backend: Optional[str], *args):
-    chosen = _backends.select(op, device, backend)
-    fn = getattr(_backends.module(chosen, _backends.FAMILIES[op]), op)
+    """Pick the backend for ``op`` (in Python, before the call) and run it.
+
+    Ops registered in ``_ops.SPECS`` go through their functional custom op
+    ``torch.ops.dymu.<op>(backend, *args)``, which torch.compile traces as one node; an op
+    not registered yet is called directly (eager only: it may break a compiled graph).
+    """
+    chosen = _backends.select_for_call(op, device, backend)
     with torch.no_grad():
-        return fn(*args)
+        if _ops.registered(op):
+            return _ops.call(op, chosen, *args)
+        return getattr(_backends.module(chosen, _backends.FAMILIES[op]), op)(*args)
 
 
 def _metric(metric: torch.Tensor) -> torch.Tensor:
@@ -57,11 +71,16 @@ def bipartite_similarity(
         valid odd rows; -inf where row 2i is padding, protected, or has no valid destination.
         node_idx [B, ceil(N/2)] int32: the absolute (odd) row reaching it, smallest on ties;
         -1 where node_max is -inf.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.bipartite_similarity``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     _metric(metric)
+    protect_first = check.flag("protect_first", protect_first)
+    check.warn_if_grad("bipartite_similarity", metric)
     bsz, n, _ = metric.shape
     lengths = check.lengths("lengths", lengths, bsz, n, metric.device, validate)
-    return _run("bipartite_similarity", metric.device, backend, metric, lengths, bool(protect_first))
+    return _run("bipartite_similarity", metric.device, backend, metric, lengths, protect_first)
 
 
 def select_edges(
@@ -84,16 +103,29 @@ def select_edges(
     Args:
         node_max, node_idx: [B, ceil(N/2)] from :func:`bipartite_similarity`.
         lengths: [B] int valid rows per image (None: N).
-        threshold: float, or a 0-dim / [B] float tensor (per-image thresholds). NaN is an error.
+        threshold: a real number (Python / NumPy scalar), or a 0-dim / [B] float tensor on any
+            device (per-image thresholds; copied to node_max's device). NaN is an error.
         num_rows: N (node_max alone cannot tell N = 2k-1 from 2k).
+        protect_first: bool; row 0 (a CLS token) never merges.
+
+    Entries of node_max at padding or protected sources, NaN entries, and entries whose
+    node_idx is not a valid destination (an odd row < lengths[b]) are no edge: new_lengths is
+    always consistent with lengths, whatever node_max holds there.
 
     Returns:
         row_map [B, N] int32: new row of every old row (merged sources -> their destination's
         new row; -1 for padding). New order: unmerged sources in order, then destinations.
         new_lengths [B] int32: lengths minus merges.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.select_edges``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+    if not isinstance(num_rows, torch.SymInt) and (
+        isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1
+    ):
         raise ValueError(f"num_rows must be an int >= 1 (N), got {num_rows!r}")
+    protect_first = check.flag("protect_first", protect_first)
+    check.warn_if_grad("select_edges", node_max, threshold)
     check.tensor("node_max", node_max, 2, (torch.float32,), "[B, ceil(N/2)] float32")
     check.tensor("node_idx", node_idx, 2, check.INDEX_DTYPES, "[B, ceil(N/2)] int32")
     bsz = node_max.shape[0]
@@ -106,9 +138,15 @@ def select_edges(
     lengths = check.lengths("lengths", lengths, bsz, num_rows, device, validate)
     check.index_range("node_idx", node_idx, -1, num_rows, validate)
     tau = check.threshold(threshold, bsz, device, validate)
-    return _run(
-        "select_edges", device, backend, node_max, node_idx.to(torch.int32), lengths, tau, num_rows, bool(protect_first)
-    )
+    node_idx = node_idx.to(torch.int32)
+    # Derive consistency with lengths instead of trusting it: an entry is an edge only at a
+    # valid (unprotected) source whose node_idx is a valid destination (odd row < lengths).
+    src_rows = torch.arange(0, num_rows, 2, device=device)
+    edge = (src_rows < lengths[:, None]) & (node_idx >= 1) & (node_idx < lengths[:, None]) & (node_idx % 2 == 1)
+    if protect_first:
+        edge = edge & (src_rows > 0)
+    node_max = torch.where(edge, node_max, float("-inf"))
+    return _run("select_edges", device, backend, node_max, node_idx, lengths, tau, num_rows, protect_first)
 
 
 def scatter_merge(
@@ -132,10 +170,14 @@ def scatter_merge(
 
     Returns:
         x_out [B, N, D] in x.dtype and size_out [B, N] float32; rows >= new_lengths are zero.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.scatter_merge``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
     bsz, n, _ = x.shape
     check.tensor("size", size, 2, check.FLOAT_DTYPES, "[B, N] float sizes")
+    check.warn_if_grad("scatter_merge", x, size)
     check.tensor("row_map", row_map, 2, check.INDEX_DTYPES, "[B, N] int32")
     for name, t in (("size", size), ("row_map", row_map)):
         if tuple(t.shape) != (bsz, n):
@@ -172,19 +214,28 @@ def dtome_merge(
         metric: [B, N, C] merge metric, C <= 128 (any float dtype).
         size: [B, N] float sizes of the tokens (None: all ones).
         lengths: [B] int valid rows (None: N).
-        threshold: float or 0-dim / [B] tensor; strict test node_max > threshold.
+        threshold: a real number (Python / NumPy scalar) or a 0-dim / [B] float tensor on any
+            device; strict test node_max > threshold. NaN is an error.
         pos_map: optional [B, N0] int map from every original token to its current row
             (-1 allowed for absent tokens); returned composed with this step's row_map.
-        protect_first: row 0 (CLS) never merges.
+        protect_first: bool; row 0 (CLS) never merges.
+
+    NaN rule: a valid metric row holding NaN/inf scores NaN against every row, and a NaN
+    score never forms an edge (that source stays, that destination is never chosen).
 
     Returns:
         DToMeResult(x [B, N, D] x.dtype, size [B, N] float32, lengths [B] int32,
         pos_map [B, N0] int32 or None, row_map [B, N] int32). Kept rows come first in the order
         [unmerged sources ; destinations]; rows >= lengths are zero. The tensors keep the static
         upper bound N: shrinking to lengths.max() is the caller's (explicit, synchronising) step.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.dtome_merge``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("x", x, 3, check.FLOAT_DTYPES, "[B, N, D]")
     _metric(metric)
+    protect_first = check.flag("protect_first", protect_first)
+    check.warn_if_grad("dtome_merge", x, metric, size, threshold if isinstance(threshold, torch.Tensor) else None)
     bsz, n, _ = x.shape
     if tuple(metric.shape[:2]) != (bsz, n):
         raise ValueError(f"metric must be [B, N, C] with B, N = {bsz}, {n} like x, got {tuple(metric.shape)}")
@@ -204,7 +255,7 @@ def dtome_merge(
         check.index_range("pos_map", pos_map, -1, n, validate)
         pos_map = pos_map.to(torch.int32)
     return _run(
-        "dtome_merge", device, backend, x, metric, size.float(), lengths, tau, pos_map, bool(protect_first)
+        "dtome_merge", device, backend, x, metric, size.float(), lengths, tau, pos_map, protect_first
     )
 
 
@@ -215,20 +266,22 @@ def batch_threshold(
 
     Args:
         node_max: [B, M] float32 best-edge scores of a batch (from :func:`bipartite_similarity`).
-        r: merges per image wanted at this layer (int >= 0).
+        r: merges per image wanted at this layer, an int in [0, M].
 
-    NaN scores are an error (checked for CPU tensors, and for GPU tensors with validation on).
+    NaN scores count as -inf (no edge), on every backend.
 
     Returns:
         0-dim float32 tensor: the (B*r + 1)-th largest node_max of the whole batch, clamped at
         >= 0 (0 when the batch has fewer than B*r + 1 finite scores). With the strict test at
         most B*r edges pass.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.batch_threshold``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     check.tensor("node_max", node_max, 2, (torch.float32,), "[B, M] float32")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"r must be an int >= 0 (merges per image), got {r!r}")
-    if check.values_checkable(node_max, validate) and bool(node_max.isnan().any()):
-        raise ValueError("node_max must not contain NaN (scores are cosines in [-1, 1], or -inf where there is no edge)")
+    r = check.count("r", r, 0, node_max.shape[1], "merges per image, at most the M sources per image")
+    check.warn_if_grad("batch_threshold", node_max)
+    node_max = node_max.masked_fill(node_max.isnan(), float("-inf"))  # NaN rule: no edge
     return _run("batch_threshold", node_max.device, backend, node_max, r)
 
 
@@ -255,20 +308,31 @@ def vtu_attention(
         q: [B, Hq, Nu, D] merged queries, RoPE not applied; fp16/bf16/fp32; D even, <= 128.
         k, v: [B, Hkv, Nu, D], same dtype; Hq % Hkv == 0 (query head h reads K/V head
             h // (Hq / Hkv), as HF's repeat_kv).
-        cos, sin: [B, Nf', D] or [Nf', D] (HF layout: row i = full position i), Nf' >= Nf;
-            extra rows are ignored.
+        cos, sin: [B, Nf', D], [1, Nf', D] or [Nf', D] (HF layout: row i = full position i),
+            Nf' >= Nf, broadcast over B; extra rows are ignored.
         pos_map: [B, Nf] int32/int64: merged row in [0, Nu) of every full position.
         full_lengths: [B] int (default Nf): positions >= full_lengths[b] are neither queries nor
             keys and their map entries are ignored (may be -1).
-        causal: key j visible to query i iff j <= i (on full positions).
-        scale: softmax scale (default D ** -0.5).
+        causal: bool; key j visible to query i iff j <= i (on full positions).
+        scale: softmax scale, finite and > 0 (default D ** -0.5).
+
+    Masking rule: K/V values at a position hidden from a query (causal, or >= full_lengths)
+    never affect that query's output, NaN/inf included; non-finite values at visible keys
+    propagate.
 
     Returns:
         out [B, Hq, Nu, D] in q.dtype: for each merged row, the mean over the full positions that
         map to it of their attention outputs; rows no valid position maps to are zero.
+
+    Traces whole under torch.compile (custom op ``torch.ops.dymu.vtu_attention``): metadata
+    checks run at trace time, value checks (which read data) are skipped while compiling.
     """
     for name, t, layout in (("q", q, "[B, Hq, Nu, D]"), ("k", k, "[B, Hkv, Nu, D]"), ("v", v, "[B, Hkv, Nu, D]")):
         check.tensor(name, t, 4, check.FLOAT_DTYPES, layout)
+    causal = check.flag("causal", causal)
+    if scale is not None:
+        scale = check.positive_finite("scale", scale, "the softmax scale")
+    check.warn_if_grad("vtu_attention", q, k, v, cos, sin)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     bsz, hq, nu, dim = q.shape
@@ -298,16 +362,18 @@ def vtu_attention(
             raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
         if t.shape[-2] < nf:
             raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's Nf = {nf} positions")
-        if t.dim() == 3 and t.shape[0] != bsz:
-            raise ValueError(f"{name}.shape[0] must be the batch size {bsz}, got shape {tuple(t.shape)}")
+        if t.dim() == 3 and t.shape[0] not in (1, bsz):
+            raise ValueError(f"{name}.shape[0] must be the batch size {bsz} or 1, got shape {tuple(t.shape)}")
     check.same_device(device, k=k, v=v, cos=cos, sin=sin, pos_map=pos_map)
     full_lengths = check.lengths("full_lengths", full_lengths, bsz, nf, device, validate)
     if check.values_checkable(pos_map, validate):
         valid = torch.arange(nf, device=device) < full_lengths[:, None]
         check.index_range("pos_map", pos_map, 0, nu, validate, mask=valid)
     if cos.dim() == 2:
-        cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
-    scale = float(dim**-0.5 if scale is None else scale)
+        cos, sin = cos[None], sin[None]
+    if cos.shape[0] != bsz:  # [1, Nf', D] (what HF rotary embeddings return): broadcast over B
+        cos, sin = cos.expand(bsz, *cos.shape[1:]), sin.expand(bsz, *sin.shape[1:])
+    scale = float(dim**-0.5) if scale is None else scale
     return _run(
-        "vtu_attention", device, backend, q, k, v, cos, sin, pos_map.to(torch.int32), full_lengths, bool(causal), scale
+        "vtu_attention", device, backend, q, k, v, cos, sin, pos_map.to(torch.int32), full_lengths, causal, scale
     )

@@ -230,7 +230,9 @@ def test_batch_threshold_lets_r_edges_pass():
     tau = dk.batch_threshold(node_max, 5)
     assert tau.dim() == 0 and tau.dtype == torch.float32
     assert int((node_max > tau).sum()) == 4 * 5
-    assert float(dk.batch_threshold(node_max, 10**6)) == 0.0
+    assert float(dk.batch_threshold(node_max, node_max.shape[1])) == 0.0  # r = M: fewer than B*r + 1 scores
+    with pytest.raises(ValueError, match="r must"):
+        dk.batch_threshold(node_max, 10**6)  # r outside [0, M]
     assert float(dk.batch_threshold(torch.full((2, 3), -0.5), 1)) == 0.0
 
 

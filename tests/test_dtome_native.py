@@ -205,7 +205,7 @@ def test_padding_nan_and_pos_map_minus_one():
     assert res.lengths[2] == 0 and (res.row_map[2] == -1).all() and (res.x[2] == 0).all()
 
 
-@pytest.mark.parametrize("r", [0, 1, 5, 40, 10**6])
+@pytest.mark.parametrize("r", [0, 1, 5, 32, 33])  # r <= M = 33 (larger r is rejected)
 def test_batch_threshold_matches_reference(r):
     g = torch.Generator().manual_seed(r)
     node_max = torch.rand(4, 33, generator=g) * 2 - 1

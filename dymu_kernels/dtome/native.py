@@ -111,7 +111,7 @@ def dtome_merge(
 
 def batch_threshold(node_max: torch.Tensor, r: int) -> torch.Tensor:
     """node_max [B, M] float32 -> 0-dim float32: the (B*r + 1)-th largest score (NaN counts as
-    largest, like torch.topk), clamped at >= 0; 0 when there are fewer scores (linear-time
+    -inf: no edge), clamped at >= 0; 0 when there are fewer scores (linear-time
     selection, see ``dk.batch_threshold``)."""
     out = _alloc.empty((), torch.float32, node_max.device)
     torch.ops.dymu.native_batch_threshold(node_max.contiguous(), int(r), out)

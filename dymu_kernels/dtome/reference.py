@@ -34,10 +34,15 @@ def _valid_rows(lengths: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def normalized_metric(metric: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """fp32 rows m / max(||m||, 1e-12), padding rows zeroed (they may hold NaN)."""
+    """fp32 rows m / max(||m||, 1e-12), padding rows zeroed (they may hold NaN).
+
+    A valid row holding any NaN/inf comes out all NaN (NaN rule: its scores never form an edge).
+    """
     valid = _valid_rows(lengths, metric.shape[1])
     m = torch.where(valid[..., None], metric.float(), 0.0)
-    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    finite = m.isfinite().all(dim=-1, keepdim=True)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.where(finite, m, float("nan"))
 
 
 def bipartite_similarity(
@@ -49,7 +54,8 @@ def bipartite_similarity(
     a, b = m[:, 0::2], m[:, 1::2]  # sources: rows 0,2,4..; destinations: rows 1,3,5..
     scores = a @ b.transpose(1, 2)  # [B, ceil(N/2), floor(N/2)], fp32
     dst_valid = (torch.arange(1, n, 2, device=metric.device) < lengths[:, None])[:, None, :]
-    scores = scores.masked_fill(~dst_valid, float("-inf"))
+    # NaN rule: a NaN score never forms an edge (skipped in the max, like -inf).
+    scores = scores.masked_fill(~dst_valid | scores.isnan(), float("-inf"))
     src_valid = torch.arange(0, n, 2, device=metric.device) < lengths[:, None]
     if protect_first:
         src_valid[:, 0] = False
@@ -157,8 +163,11 @@ def dtome_merge(
 
 
 def batch_threshold(node_max: torch.Tensor, r: int) -> torch.Tensor:
-    """The (B*r + 1)-th largest node_max of the batch, clamped at >= 0 (paper eq. 4)."""
+    """The (B*r + 1)-th largest node_max of the batch, clamped at >= 0 (paper eq. 4).
+
+    NaN entries count as -inf (no edge)."""
     flat = node_max.reshape(-1).float()
+    flat = flat.masked_fill(flat.isnan(), float("-inf"))
     k = node_max.shape[0] * r + 1
     if k > flat.numel():
         return torch.zeros((), dtype=torch.float32, device=node_max.device)

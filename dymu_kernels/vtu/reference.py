@@ -2,12 +2,14 @@
 
 Arguments are validated and normalised by ``dymu_kernels.api``: cos/sin are [B, Nf', D] (a
 broadcast view when the caller gave [Nf', D]), pos_map is int32 [B, Nf], full_lengths int32 [B].
-All math is fp32. Memory is that of SDPA on the expanded sequence (this is the baseline the
-fused kernels remove, not a kernel).
+All math is fp32. Memory is that of plain (math) attention on the expanded sequence,
+O(B * Hq * Nf^2) for the scores (this is the baseline the fused kernels remove, not a kernel).
+Masking rule (README, Semantics): a K/V value at a position hidden from a query (causal, or
+>= full_lengths) never reaches that query's output, NaN/inf included; non-finite values at
+visible keys propagate.
 """
 
 import torch
-import torch.nn.functional as F
 
 SUPPORTED = frozenset({"vtu_attention"})
 
@@ -57,17 +59,29 @@ def vtu_attention(
     index = torch.where(valid, pos_map, 0).long().clamp(0, max(num_merged - 1, 0))
     cos_full = cos[:, None, :num_full].float()
     sin_full = sin[:, None, :num_full].float()
+    groups = q.shape[1] // k.shape[1]
     qf = apply_rope(expand_to_full(q, index), cos_full, sin_full)
-    kf = apply_rope(expand_to_full(k, index), cos_full, sin_full)
-    vf = expand_to_full(v, index)
-    # Positions >= full_lengths hold anything (NaN in cos/sin or -1 in the map): zero them.
-    kf = torch.where(valid[:, None, :, None], kf, 0.0)
-    vf = torch.where(valid[:, None, :, None], vf, 0.0)
-    allowed = valid[:, None, None, :]  # keys
+    kf = apply_rope(expand_to_full(k, index), cos_full, sin_full).repeat_interleave(groups, dim=1)
+    vf = expand_to_full(v, index).repeat_interleave(groups, dim=1)
+    # Masking rule: a key hidden from a query (causal, or >= full_lengths) never affects it,
+    # whatever it holds (NaN/inf included): select, never multiply by 0.
+    allowed = valid[:, None, None, :]  # [B, 1, 1, Nf] keys
     if causal:
         allowed = allowed & torch.ones(num_full, num_full, dtype=torch.bool, device=q.device).tril()
     allowed = allowed | ~valid[:, None, :, None]  # padded queries see everything, then are dropped
-    o = F.scaled_dot_product_attention(
-        qf, kf, vf, attn_mask=allowed, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    allowed = allowed.expand(-1, 1, num_full, num_full)
+    logits = torch.where(allowed, (qf @ kf.transpose(-1, -2)) * scale, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    finite = vf.isfinite()
+    o = probs @ torch.where(finite, vf, 0.0)
+    # Non-finite values at visible keys propagate as IEEE sums would: NaN if a visible value is
+    # NaN or both infinities are seen, else the infinity seen. Visible keys of a valid query i
+    # are the valid j <= i (causal) or all valid j, so counts are a cumsum / sum over keys.
+    flags = torch.cat([vf.isnan(), vf == float("inf"), vf == float("-inf")], dim=-1)
+    flags = (flags & valid[:, None, :, None]).float()  # [B, H, Nf, 3D]
+    seen = flags.cumsum(dim=2) if causal else flags.sum(dim=2, keepdim=True)
+    nan_seen, pos_seen, neg_seen = (seen[..., i * vf.shape[-1] : (i + 1) * vf.shape[-1]] > 0 for i in range(3))
+    o = torch.where(pos_seen, float("inf"), o)
+    o = torch.where(neg_seen, float("-inf"), o)
+    o = torch.where(nan_seen | (pos_seen & neg_seen), float("nan"), o)
     return segment_mean(o, index, valid, num_merged).to(q.dtype)

@@ -29,6 +29,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 
 import dymu_kernels as dk
+from dymu_kernels._backends import select as select_backend
 
 from ._atomic import write_text
 from .encoders import DToMeEncoder, normalize_thresholds
@@ -124,6 +125,10 @@ def calibrate_thresholds(
         CalibratedThresholds(thresholds: list of float per layer, r_per_layer, num_images), the
         same on every rank. Layers with r_l = 0 get +inf.
 
+    Inference only: runs under ``torch.no_grad()`` (no gradient reaches the model). The scores,
+    the batch threshold and the merge use one backend (the default for the model's device, or
+    DYMU_BACKEND), so a threshold never admits more merges than it was computed for.
+
     Under torch.distributed (initialised), every rank must call this with the same r and
     model; each rank's per-layer sums, counts and image counts are all-reduced (SUM). Host
     syncs: the encoder's one per merging layer (shrinking), plus one at the end.
@@ -135,12 +140,18 @@ def calibrate_thresholds(
     counts = torch.zeros(encoder.num_layers, dtype=torch.float64, device=device)
     images = torch.zeros((), dtype=torch.float64, device=device)
     protect = encoder.protect_cls
+    # Scores, threshold and the merge that applies it all from one backend: the threshold lies
+    # exactly on one score of the batch, and backends may round that score differently by an
+    # ulp (README, Semantics: ties), which would admit r + 1 merges.
+    backend = select_backend("dtome_merge", device, None)
 
     def tau_fn(layer, metric, lengths):
         if r_layers[layer] == 0:
             return None
-        node_max, _ = dk.bipartite_similarity(metric, lengths, protect_first=protect)
-        tau = dk.batch_threshold(node_max, r_layers[layer])
+        node_max, _ = dk.bipartite_similarity(metric, lengths, protect_first=protect, backend=backend)
+        # r above the M sources left: no (B*r + 1)-th score, threshold 0 (batch_threshold
+        # rejects r > M, so clamp to M, which gives that 0).
+        tau = dk.batch_threshold(node_max, min(r_layers[layer], node_max.shape[1]), backend=backend)
         sums[layer] += tau.to(torch.float64)
         counts[layer] += 1
         return tau

@@ -156,7 +156,10 @@ class DToMeEncoder(nn.Module):
     ``shrink=False``: zero. (On CPU a "sync" is just a read.) ``out.num_syncs`` reports it.
 
     Calling it: ``encoder(pixel_values [B, 3, H, W], interpolate_pos_encoding=False)`` returns a
-    :class:`DToMeEncoderOutput`. Inference only (no autograd; runs under ``torch.no_grad``).
+    :class:`DToMeEncoderOutput`. Inference only: it runs under ``torch.no_grad()``, so no
+    gradient reaches the weights or the pixels even in grad mode (use it under
+    ``torch.no_grad()`` / ``torch.inference_mode()``; the ops warn once when given inputs that
+    require grad).
     With every threshold +inf the output equals the stock model's (same token order).
     """
 

@@ -277,11 +277,13 @@ def _vtu_attention_forward(attn, plan: _Plan):
     return forward
 
 
+_MISSING = object()  # module level: torch.compile cannot trace a bare object() call
+
+
 @contextlib.contextmanager
 def _patched_attention(model, plan: _Plan) -> Iterator[None]:
     """Swap every layer's self_attn.forward for the VTU one; restored on exit, errors included."""
     saved: List[Tuple[torch.nn.Module, Any]] = []
-    _MISSING = object()
     try:
         for layer in model.model.layers:
             attn = layer.self_attn
@@ -365,6 +367,10 @@ def vtu_forward(
 ) -> VTUCausalLMOutput:
     """One VTU forward pass of a Llama-family causal LM over merged rows (inference only).
 
+    Runs under ``torch.no_grad()``: the logits carry no autograd graph, even in grad mode
+    (call it under ``torch.no_grad()`` / ``torch.inference_mode()``). Compiles with
+    ``torch.compile(fullgraph=True)``; while compiling, the map's value checks are skipped.
+
     Args:
         model: LlamaForCausalLM (SmolLM included), MistralForCausalLM or Qwen2ForCausalLM.
         inputs_embeds: [B, Nu, H] merged rows in the model's dtype (text rows are ordinary
@@ -431,7 +437,8 @@ def generate(
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Generate tokens after a VTU prefill (inference only).
+    """Generate tokens after a VTU prefill (inference only: runs under ``torch.no_grad()``, no
+    gradient reaches the model).
 
     The prompt (merged rows + map, as for ``vtu_forward``) is prefilled with VTU attention,
     which also fills a standard full-length KV cache; the first token comes from the logits of
