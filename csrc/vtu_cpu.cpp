@@ -347,12 +347,14 @@ void native_vtu_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t n_units = static_cast<int64_t>(units.size());
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
   const int64_t ws_floats = workspace_floats(p);
+  // One workspace per worker, allocated here (in the calling thread, through the c10 allocator).
+  at::Tensor work = at::empty({std::max<int64_t>(workers, 1), ws_floats}, at::TensorOptions().dtype(at::kFloat));
+  float* work_data = work.data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor work = at::empty({ws_floats}, at::TensorOptions().dtype(at::kFloat));
     for (int64_t w = begin; w < end; ++w)
       for (int64_t t = next.fetch_add(1); t < n_units; t = next.fetch_add(1))
-        run_unit(p, in, units[t], work.data_ptr<float>());
+        run_unit(p, in, units[t], work_data + w * ws_floats);
   });
 }
 
