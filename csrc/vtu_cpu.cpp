@@ -5,27 +5,38 @@
 // v_j = V[u(j)]; o_i = softmax-attention over the visible keys (j <= i when causal, always
 // j < full_lengths[b]); out[a] = mean of o_i over the valid i with u(i) = a, 0 where none.
 //
-// Algorithm (three passes, each parallel over independent work items, so results do not
-// depend on the thread count or the schedule: bit-identical run to run):
-//   1. gather + RoPE: rotated, pre-scaled Q rows [B, Hq, Nf, Dp], rotated K stored transposed
-//      [B, Hkv, Dp, Nf] and gathered V [B, Hkv, Nf, Dp], all fp32, Dp = D rounded up to 16,
-//      rows >= full_lengths zero. K/V are rotated once per kv head and shared by its query
-//      heads (GQA), instead of once per query block.
-//   2. blocked flash-attention forward (fp32, online softmax in base 2) per
-//      (batch, query head, query block); causal skips the key blocks above the diagonal. Each
-//      block writes its outputs o_i over its own Q rows (in place).
-//   3. re-merge per (batch, query head): sum o_i into its merged row in position order, divide
-//      by the group size, convert to the output dtype; rows nobody maps to are written as 0.
+// Algorithm (FlashAttention-2 style, nothing of size Nf * D is ever materialised):
+//   1. group the valid positions of each image by merged row (stable counting sort: order[b] lists
+//      the positions of row 0 ascending, then row 1, ...; row_start[b] indexes it);
+//   2. cut each image's rows into work units of whole rows holding at most kBlockQ positions (a
+//      row with more positions is a unit alone, processed in kBlockQ-position chunks one after
+//      another); a unit is (image, kv head): it serves the whole GQA group of query heads;
+//   3. per chunk: sort its positions, gather + rotate their Q rows (all query heads of the group),
+//      then walk the key tiles [j0, j0 + kBlockK) up to the chunk's last visible key: each tile
+//      is gathered and rotated once (K transposed, V) and used by every query head of the group;
+//      online softmax in base 2 per query row; causal skipping per 4-row register tile (a tile
+//      whose queries all precede the key tile is skipped, keys after its last query untouched);
+//   4. the unit's epilogue sums the o_i of each merged row in ascending position order (across
+//      chunks for a long row), divides by the count, and writes the row; rows nobody maps to are
+//      written as 0.
+// Each unit writes only its own output rows and sums in a fixed order, so results do not depend
+// on the thread count or the schedule: bit-identical run to run.
+//
+// Masking: a key hidden from a query (j > i when causal, or j >= full_lengths) is never read for
+// that query: its score is not used and its V row is not multiplied (a NaN or inf there cannot
+// leak through 0 * NaN). Non-finite values at visible keys propagate, as in the reference.
+//
+// Memory: beyond the inputs and the output, order [B, Nf] and row_start [B, Nu + 1] int32 and a
+// per-thread workspace of O(group * kBlockQ * D) floats (all allocated through the c10 CPU
+// allocator, so torch.profiler sees them). No full-length Q/K/V or per-position output.
 //
 // Limitations (honest notes):
-// - Scratch memory is the full-length rotated Q/K/V in fp32, (Hq + 2 Hkv) * Nf * D floats per
-//   image; batches are processed in groups that fit 64 MiB (one image at a time if it needs
-//   more). The point of the CPU kernel is fusing the passes and dropping the dense mask and the
-//   expanded-tensor round trips, not O(Nu) memory (that is the GPU kernel's job).
+// - A merged row with many positions (a flat image region) is one unit: its chunks run in one
+//   thread, one after another (parallelism is over images, kv heads and units).
 // - Register tiles use GCC/clang generic vectors (8 floats), no intrinsics. On x86-64 the
-//   attention kernels are compiled twice (baseline and AVX2+FMA, by including this file into
-//   itself under a target pragma) and picked at run time (cpuid). No AVX-512 / AMX paths;
-//   MSVC is not supported (generic vectors).
+//   kernels are compiled twice (baseline and AVX2+FMA, by including this file into itself under
+//   a target pragma) and picked at run time (cpuid). No AVX-512 / AMX paths; MSVC is not
+//   supported (generic vectors).
 // - Map entries at valid positions are clamped into [0, Nu) (as the reference does); the
 //   Python layer validates them for CPU tensors. full_lengths are clamped into [0, Nf].
 // - Inference only (no autograd), CPU tensors only.
@@ -48,16 +59,14 @@
 namespace dymu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;  // query rows per attention work item
-constexpr int64_t kBlockK = 64;  // keys per inner block
+constexpr int64_t kBlockQ = 64;  // query positions per chunk
+constexpr int64_t kBlockK = 64;  // keys per key tile
 constexpr int kTileM = 4;        // query rows per register tile
 constexpr int kTileN = 16;       // keys (QK^T) or head-dim columns (PV) per register tile
 constexpr int64_t kPadD = 16;    // head dim is padded to a multiple of this
-constexpr int64_t kScratchBudget = int64_t{64} << 20;  // bytes of fp32 scratch per batch group
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-static_assert(kBlockQ == kBlockK, "the causal diagonal logic assumes square blocks");
 static_assert(kBlockQ % kTileM == 0 && kBlockK % kTileN == 0 && kPadD % kTileN == 0, "tile sizes");
 
 #define DYMU_INLINE inline __attribute__((always_inline))
@@ -65,7 +74,7 @@ static_assert(kBlockQ % kTileM == 0 && kBlockK % kTileN == 0 && kPadD % kTileN =
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
-// Loading rows of any float dtype as fp32.
+// Loading rows of any float dtype as fp32, storing fp32 rows in the output dtype.
 
 using RowLoader = void (*)(const char* base, int64_t stride, int64_t n, float* dst);
 
@@ -105,12 +114,19 @@ RowStorer row_storer(at::ScalarType t) {
   }
 }
 
-// A strided 4-d (or 3-d) float tensor as raw bytes + element strides.
+// A strided 4-d (or 3-d) tensor as raw bytes + element strides.
 struct View {
   const char* data;
   int64_t elem;  // bytes per element
   int64_t s0, s1, s2, s3;
   RowLoader load;
+
+  // Row (i0, i1, i2, :) of a 4-d view as n fp32 values.
+  void row(int64_t i0, int64_t i1, int64_t i2, int64_t n, float* dst) const {
+    load(data + (i0 * s0 + i1 * s1 + i2 * s2) * elem, s3, n, dst);
+  }
+  // Row (i0, i1, :) of a 3-d view as n fp32 values.
+  void row3(int64_t i0, int64_t i1, int64_t n, float* dst) const { load(data + (i0 * s0 + i1 * s1) * elem, s2, n, dst); }
 };
 
 View view_of(const at::Tensor& t) {
@@ -125,14 +141,40 @@ View view_of(const at::Tensor& t) {
   return v;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Pass 1: gather + RoPE into fp32 scratch.
-
 struct Problem {
-  int64_t B, Hq, Hkv, Nu, Nf, D, Dp, Nfp, group;
+  int64_t B, Hq, Hkv, Nu, Nf, D, Dp, group;
   bool causal;
   float qscale;  // softmax scale * log2(e): scores come out in base 2
 };
+
+// Everything a work unit reads or writes.
+struct Inputs {
+  View q, k, v, cos, sin;  // cos/sin: 3-d, row3(b, i) is position i
+  const int32_t* map;
+  int64_t map_s0, map_s1;
+  const int32_t* order;      // [B, Nf] positions grouped by merged row (contiguous)
+  const int64_t* len;        // [B] clamped full lengths
+  char* out;                 // [B, Hq, Nu, D] output in out_store's dtype
+  int64_t out_elem, os0, os1, os2, os3;
+  RowStorer out_store;
+
+  int64_t merged_row(int64_t b, int64_t i, int64_t Nu) const {  // clamped, as the reference
+    const int64_t u = map[b * map_s0 + i * map_s1];
+    return std::min<int64_t>(std::max<int64_t>(u, 0), Nu - 1);
+  }
+};
+
+// A work unit: the whole merged rows [row_begin, row_end) of image b, whose positions are
+// order[b, ord_begin:ord_end), for the query heads of kv head kvh.
+struct Unit {
+  int64_t b, kvh, row_begin, row_end, ord_begin, ord_end, cost;
+};
+
+// Floats of one thread's workspace (see run_unit for the layout).
+int64_t workspace_floats(const Problem& p) {
+  return 2 * p.group * kBlockQ * p.Dp + 2 * kBlockK * p.Dp + kTileM * kBlockK + 2 * p.group * kBlockQ +
+         p.group * p.Dp + 4 * p.Dp;
+}
 
 // rope(x, i) = x * cos[i] + rotate_half(x) * sin[i], rotate_half(x) = [-x[D/2:] ; x[:D/2]]
 DYMU_INLINE void rope_row(const float* x, const float* c, const float* s, int64_t D, float mul, float* out) {
@@ -141,60 +183,10 @@ DYMU_INLINE void rope_row(const float* x, const float* c, const float* s, int64_
   for (int64_t d = half; d < D; ++d) out[d] = (x[d] * c[d] + x[d - half] * s[d]) * mul;
 }
 
-// Batches [b0, b1) into scratch rows indexed by b - b0.
-void gather_rotate(const Problem& p, int64_t b0, int64_t b1, const View& q, const View& k, const View& v, const View& cs,
-                   const View& sn, const int32_t* map, int64_t map_s0, int64_t map_s1,
-                   const int32_t* lengths, int64_t len_s0, float* qo, float* kt, float* vv) {
-  const int64_t D = p.D, Dp = p.Dp, Nfp = p.Nfp;
-  at::parallel_for(0, (b1 - b0) * p.Nfp, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * D);
-    float* c = buf.data();
-    float* s = c + D;
-    float* x = s + D;
-    float* r = x + D;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t sb = item / Nfp, b = b0 + sb, i = item % Nfp;
-      const int64_t len = std::min<int64_t>(std::max<int64_t>(lengths[b * len_s0], 0), p.Nf);
-      float* qrow0 = qo + (sb * p.Hq * Nfp + i) * Dp;
-      float* vrow0 = vv + (sb * p.Hkv * Nfp + i) * Dp;
-      float* kcol0 = kt + sb * p.Hkv * Dp * Nfp + i;
-      if (i >= len) {  // padding position: zero rows, never read through the map
-        for (int64_t h = 0; h < p.Hq; ++h) std::fill(qrow0 + h * Nfp * Dp, qrow0 + h * Nfp * Dp + Dp, 0.f);
-        for (int64_t h = 0; h < p.Hkv; ++h) {
-          std::fill(vrow0 + h * Nfp * Dp, vrow0 + h * Nfp * Dp + Dp, 0.f);
-          for (int64_t d = 0; d < Dp; ++d) kcol0[h * Dp * Nfp + d * Nfp] = 0.f;
-        }
-        continue;
-      }
-      int64_t u = map[b * map_s0 + i * map_s1];
-      u = std::min<int64_t>(std::max<int64_t>(u, 0), p.Nu - 1);
-      cs.load(cs.data + (b * cs.s0 + i * cs.s1) * cs.elem, cs.s2, D, c);
-      sn.load(sn.data + (b * sn.s0 + i * sn.s1) * sn.elem, sn.s2, D, s);
-      for (int64_t h = 0; h < p.Hq; ++h) {
-        q.load(q.data + (b * q.s0 + h * q.s1 + u * q.s2) * q.elem, q.s3, D, x);
-        float* row = qrow0 + h * Nfp * Dp;
-        rope_row(x, c, s, D, p.qscale, row);
-        std::fill(row + D, row + Dp, 0.f);
-      }
-      for (int64_t h = 0; h < p.Hkv; ++h) {
-        k.load(k.data + (b * k.s0 + h * k.s1 + u * k.s2) * k.elem, k.s3, D, x);
-        rope_row(x, c, s, D, 1.f, r);
-        float* col = kcol0 + h * Dp * Nfp;
-        for (int64_t d = 0; d < D; ++d) col[d * Nfp] = r[d];
-        for (int64_t d = D; d < Dp; ++d) col[d * Nfp] = 0.f;
-        float* vrow = vrow0 + h * Nfp * Dp;
-        v.load(v.data + (b * v.s0 + h * v.s1 + u * v.s2) * v.elem, v.s3, D, vrow);
-        std::fill(vrow + D, vrow + Dp, 0.f);
-      }
-    }
-  });
-}
-
 static_assert(kTileN == 16, "tiles are two 8-float vectors wide");
 
 }  // namespace
 }  // namespace dymu
-
 // The ISA-specific kernels (the #else branch at the end of this file), compiled twice: for the
 // baseline target and, on x86-64, under target("avx2,fma"). Generic vectors and the inlined
 // helpers must be compiled inside the target region for the AVX2 build to use ymm broadcasts
@@ -235,91 +227,60 @@ namespace dymu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Pass 2 driver.
+// Driver.
 
-// The kernels at the end of this file, compiled for the baseline ISA and (x86-64) for AVX2+FMA,
+using UnitFn = void (*)(const Problem&, const Inputs&, const Unit&, float*);
+
+// The kernel at the end of this file, compiled for the baseline ISA and (x86-64) for AVX2+FMA,
 // picked once at run time.
-using AttendFn = void (*)(const Problem&, int64_t, float*, const float*, const float*, int64_t, float*);
-
-AttendFn pick_attend_block() {
+UnitFn pick_run_unit() {
 #ifdef DYMU_VTU_HAVE_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_isa::attend_block;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_isa::run_unit;
 #endif
-  return baseline_isa::attend_block;
+  return baseline_isa::run_unit;
 }
 
-void attention_pass(const Problem& p, int64_t b0, int64_t b1, const std::vector<int64_t>& len, float* qo, const float* kt, const float* vv) {
-  // Work items (b, h, query block), most expensive first (causal: later blocks see more keys),
-  // handed out dynamically. Each item writes only its own rows, so the schedule cannot change
-  // the result.
-  struct Item {
-    int64_t b, h, blk, cost;
-  };
-  std::vector<Item> items;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t nblk = (len[b] + kBlockQ - 1) / kBlockQ;
-    for (int64_t h = 0; h < p.Hq; ++h)
-      for (int64_t blk = 0; blk < nblk; ++blk) items.push_back({b, h, blk, p.causal ? blk + 1 : nblk});
+// Stable counting sort of the valid positions of every image by merged row: row_start [B, Nu + 1]
+// (exclusive prefix counts) and order [B, Nf] (entries >= len[b] unused).
+void group_by_row(const Problem& p, const Inputs& in, int32_t* row_start, int32_t* order) {
+  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int32_t* start = row_start + b * (p.Nu + 1);
+      int32_t* ord = order + b * p.Nf;
+      std::fill(start, start + p.Nu + 1, 0);
+      for (int64_t i = 0; i < in.len[b]; ++i) ++start[in.merged_row(b, i, p.Nu) + 1];
+      for (int64_t a = 0; a < p.Nu; ++a) start[a + 1] += start[a];
+      // fill: next free slot per row, kept in start[a] while filling, restored afterwards
+      for (int64_t i = 0; i < in.len[b]; ++i) ord[start[in.merged_row(b, i, p.Nu)]++] = static_cast<int32_t>(i);
+      for (int64_t a = p.Nu; a > 0; --a) start[a] = start[a - 1];
+      start[0] = 0;
+    }
+  });
+}
+
+// Units of whole rows of at most kBlockQ positions (a longer row alone), for every kv head; the
+// most expensive first (causal: a query at position i sees i + 1 keys).
+std::vector<Unit> make_units(const Problem& p, const Inputs& in, const int32_t* row_start) {
+  std::vector<Unit> units;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int32_t* start = row_start + b * (p.Nu + 1);
+    const int32_t* ord = in.order + b * p.Nf;
+    for (int64_t r = 0; r < p.Nu;) {
+      const int64_t row_begin = r, ord_begin = start[r];
+      if (start[r + 1] - ord_begin > kBlockQ) {
+        ++r;
+      } else {
+        while (r < p.Nu && start[r + 1] - ord_begin <= kBlockQ) ++r;
+      }
+      const int64_t ord_end = start[r];
+      int64_t cost = 1;
+      for (int64_t t = ord_begin; t < ord_end; ++t) cost += p.causal ? ord[t] + 1 : in.len[b];
+      for (int64_t h = 0; h < p.Hkv; ++h) units.push_back({b, h, row_begin, r, ord_begin, ord_end, cost});
+    }
   }
-  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  if (n_items == 0) return;
-  static const AttendFn attend_block = pick_attend_block();
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_items);
-  const int64_t work_floats = kBlockQ * kBlockK + kBlockQ * p.Dp + 3 * kBlockQ;
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(static_cast<size_t>(work_floats));
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t t = next.fetch_add(1); t < n_items; t = next.fetch_add(1)) {
-        const Item& it = items[t];
-        const int64_t kvh = it.h / p.group;
-        float* qblk = qo + (((it.b - b0) * p.Hq + it.h) * p.Nfp + it.blk * kBlockQ) * p.Dp;
-        const float* ktb = kt + ((it.b - b0) * p.Hkv + kvh) * p.Dp * p.Nfp;
-        const float* vb = vv + ((it.b - b0) * p.Hkv + kvh) * p.Nfp * p.Dp;
-        attend_block(p, len[it.b], qblk, ktb, vb, it.blk * kBlockQ, work.data());
-      }
-    }
-  });
+  std::stable_sort(units.begin(), units.end(), [](const Unit& x, const Unit& y) { return x.cost > y.cost; });
+  return units;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Pass 3: re-merge o_i into merged rows, in position order.
-
-void remerge(const Problem& p, int64_t b0, int64_t b1, const std::vector<int64_t>& len, const int32_t* map, int64_t map_s0,
-             int64_t map_s1, const float* qo, const at::Tensor& out) {
-  const RowStorer store = row_storer(out.scalar_type());
-  char* out_data = static_cast<char*>(out.data_ptr());
-  const int64_t elem = static_cast<int64_t>(out.element_size());
-  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2), os3 = out.stride(3);
-  const int64_t D = p.D, Dp = p.Dp;
-  at::parallel_for(0, (b1 - b0) * p.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sums(static_cast<size_t>(p.Nu * Dp));
-    std::vector<float> counts(static_cast<size_t>(p.Nu));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t sb = item / p.Hq, b = b0 + sb, h = item % p.Hq;
-      std::fill(sums.begin(), sums.end(), 0.f);
-      std::fill(counts.begin(), counts.end(), 0.f);
-      const float* ob = qo + (sb * p.Hq + h) * p.Nfp * Dp;
-      for (int64_t i = 0; i < len[b]; ++i) {
-        int64_t u = map[b * map_s0 + i * map_s1];
-        u = std::min<int64_t>(std::max<int64_t>(u, 0), p.Nu - 1);
-        counts[u] += 1.f;
-        float* acc = sums.data() + u * Dp;
-        const float* oi = ob + i * Dp;
-        for (int64_t c = 0; c < Dp; ++c) acc[c] += oi[c];
-      }
-      for (int64_t a = 0; a < p.Nu; ++a) {
-        float* acc = sums.data() + a * Dp;
-        const float inv = counts[a] > 0.f ? 1.f / counts[a] : 0.f;  // unmapped rows: 0 * 0
-        for (int64_t c = 0; c < D; ++c) acc[c] *= inv;
-        store(acc, D, out_data + (b * os0 + h * os1 + a * os2) * elem, os3);
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
 
 void native_vtu_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                           const at::Tensor& sin, const at::Tensor& pos_map, const at::Tensor& full_lengths,
@@ -348,31 +309,53 @@ void native_vtu_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.causal = causal;
   p.qscale = static_cast<float>(scale) * kLog2e;
   p.Dp = round_up(p.D, kPadD);
-  p.Nfp = round_up(p.Nf, kBlockQ);
   if (p.B == 0 || p.Hq == 0 || p.Nu == 0) return;
 
-  const int32_t* map = pos_map.const_data_ptr<int32_t>();
   const int32_t* lengths = full_lengths.const_data_ptr<int32_t>();
   std::vector<int64_t> len(static_cast<size_t>(p.B));
   for (int64_t b = 0; b < p.B; ++b)
     len[b] = std::min<int64_t>(std::max<int64_t>(lengths[b * full_lengths.stride(0)], 0), p.Nf);
 
-  // Scratch for a group of batches at a time: at most kScratchBudget bytes unless one image
-  // alone needs more (the work inside a group is parallel; groups run one after another).
-  const int64_t per_batch = std::max<int64_t>(1, (p.Hq + 2 * p.Hkv) * p.Nfp * p.Dp * static_cast<int64_t>(sizeof(float)));
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(p.B, kScratchBudget / per_batch));
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor qo = at::empty({group * p.Hq * p.Nfp * p.Dp}, opts);
-  at::Tensor kt = at::empty({group * p.Hkv * p.Dp * p.Nfp}, opts);
-  at::Tensor vv = at::empty({group * p.Hkv * p.Nfp * p.Dp}, opts);
-  const View qv = view_of(q), kv = view_of(k), vvw = view_of(v), cv = view_of(cos), sv = view_of(sin);
-  for (int64_t b0 = 0; b0 < p.B; b0 += group) {
-    const int64_t b1 = std::min(p.B, b0 + group);
-    gather_rotate(p, b0, b1, qv, kv, vvw, cv, sv, map, pos_map.stride(0), pos_map.stride(1), lengths,
-                  full_lengths.stride(0), qo.data_ptr<float>(), kt.data_ptr<float>(), vv.data_ptr<float>());
-    attention_pass(p, b0, b1, len, qo.data_ptr<float>(), kt.const_data_ptr<float>(), vv.const_data_ptr<float>());
-    remerge(p, b0, b1, len, map, pos_map.stride(0), pos_map.stride(1), qo.const_data_ptr<float>(), out);
-  }
+  const auto int_opts = at::TensorOptions().dtype(at::kInt);
+  at::Tensor row_start = at::empty({p.B, p.Nu + 1}, int_opts);
+  at::Tensor order = at::empty({p.B, p.Nf}, int_opts);
+  Inputs in;
+  in.q = view_of(q);
+  in.k = view_of(k);
+  in.v = view_of(v);
+  in.cos = view_of(cos);
+  in.sin = view_of(sin);
+  in.map = pos_map.const_data_ptr<int32_t>();
+  in.map_s0 = pos_map.stride(0);
+  in.map_s1 = pos_map.stride(1);
+  in.order = order.const_data_ptr<int32_t>();
+  in.len = len.data();
+  in.out = static_cast<char*>(out.data_ptr());
+  in.out_elem = static_cast<int64_t>(out.element_size());
+  in.os0 = out.stride(0);
+  in.os1 = out.stride(1);
+  in.os2 = out.stride(2);
+  in.os3 = out.stride(3);
+  in.out_store = row_storer(out.scalar_type());
+
+  group_by_row(p, in, row_start.data_ptr<int32_t>(), order.data_ptr<int32_t>());
+  const std::vector<Unit> units = make_units(p, in, row_start.const_data_ptr<int32_t>());
+
+  // Units handed out dynamically; each writes only its own output rows, so the schedule cannot
+  // change the result.
+  static const UnitFn run_unit = pick_run_unit();
+  const int64_t n_units = static_cast<int64_t>(units.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
+  const int64_t ws_floats = workspace_floats(p);
+  // One workspace per worker, allocated here (in the calling thread, through the c10 allocator).
+  at::Tensor work = at::empty({std::max<int64_t>(workers, 1), ws_floats}, at::TensorOptions().dtype(at::kFloat));
+  float* work_data = work.data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t t = next.fetch_add(1); t < n_units; t = next.fetch_add(1))
+        run_unit(p, in, units[t], work_data + w * ws_floats);
+  });
 }
 
 }  // namespace
@@ -390,7 +373,7 @@ TORCH_LIBRARY_IMPL(dymu, CPU, m) { m.impl("native_vtu_attention", &native_vtu_at
 #else  // DYMU_VTU_KERNEL_BODY: the ISA-specific kernels, included twice from above
 
 // ---------------------------------------------------------------------------------------------
-// Pass 2 kernels: this branch is compiled once per instruction set (see the self-include above).
+// The kernels: this branch is compiled once per instruction set (see the self-include above).
 
 // 8 floats as a GCC/clang vector: one ymm register in the AVX2 build, two xmm registers in the
 // baseline build.
@@ -423,17 +406,28 @@ DYMU_INLINE void qk_tile(const float* __restrict q, int64_t ldq, const float* __
   }
 }
 
-// o[r][c] += sum_j p[r][j] * v[j][c] for a kTileM x 16 tile (c = head-dim columns).
+// o[r][c] += sum_j p[r][j] * v[j][c] for a kTileM x 16 tile (c = head-dim columns), over keys
+// j < lo for every row, then keys lo <= j < hi only for the rows with j < vis[r]: a hidden key's
+// V row is skipped (selected out), never multiplied by a zero probability.
 DYMU_INLINE void pv_tile(const float* __restrict pm, int64_t ldp, const float* __restrict v, int64_t ldv,
-                         int64_t nkeys, float* __restrict o, int64_t ldo) {
+                         int64_t lo, int64_t hi, const int64_t* __restrict vis, float* __restrict o, int64_t ldo) {
   Vec8 acc[kTileM][2];
   for (int r = 0; r < kTileM; ++r) {
     acc[r][0] = load8(o + r * ldo);
     acc[r][1] = load8(o + r * ldo + 8);
   }
-  for (int64_t j = 0; j < nkeys; ++j) {
+  for (int64_t j = 0; j < lo; ++j) {
     const Vec8 v0 = load8(v + j * ldv), v1 = load8(v + j * ldv + 8);
     for (int r = 0; r < kTileM; ++r) {
+      const Vec8 a = splat8(pm[r * ldp + j]);
+      acc[r][0] += a * v0;
+      acc[r][1] += a * v1;
+    }
+  }
+  for (int64_t j = lo; j < hi; ++j) {
+    const Vec8 v0 = load8(v + j * ldv), v1 = load8(v + j * ldv + 8);
+    for (int r = 0; r < kTileM; ++r) {
+      if (j >= vis[r]) continue;
       const Vec8 a = splat8(pm[r * ldp + j]);
       acc[r][0] += a * v0;
       acc[r][1] += a * v1;
@@ -465,70 +459,164 @@ DYMU_INLINE float exp2_nonpos(float x) {
   return x < -126.f ? 0.f : poly * scale;
 }
 
-// One work item: query rows [i0, i0 + kBlockQ) of head (b, h). Reads the rotated Q rows of the
-// block from qo and overwrites them with the normalised outputs o_i (valid rows only).
-void attend_block(const Problem& p, int64_t len, float* __restrict qblk, const float* __restrict ktb,
-                  const float* __restrict vb, int64_t i0, float* __restrict work) {
-  const int64_t Dp = p.Dp, Nfp = p.Nfp;
-  float* s = work;                    // [kBlockQ][kBlockK] scores, then probabilities
-  float* o = s + kBlockQ * kBlockK;   // [kBlockQ][Dp] unnormalised outputs
-  float* m = o + kBlockQ * Dp;        // [kBlockQ] running max (base 2)
-  float* l = m + kBlockQ;             // [kBlockQ] running sum
-  float* alpha = l + kBlockQ;         // [kBlockQ] rescale factors of this key block
-  const int64_t rows = std::min(kBlockQ, len - i0);
-  const int64_t mrows = round_up(rows, kTileM);  // padded Q rows are zero and exist (Nfp)
-  const int64_t kend_all = p.causal ? std::min(i0 + rows, len) : len;
-  for (int64_t r = 0; r < mrows; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.f;
-  }
-  std::fill(o, o + mrows * Dp, 0.f);
-  for (int64_t j0 = 0; j0 < kend_all; j0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, kend_all - j0);
-    const int64_t nkr = round_up(nk, kTileN);  // padded keys exist (Nfp) and get masked
-    for (int64_t r = 0; r < mrows; r += kTileM)
-      for (int64_t j = 0; j < nkr; j += kTileN) qk_tile(qblk + r * Dp, Dp, ktb + j0 + j, Nfp, Dp, s + r * kBlockK + j, kBlockK);
-    for (int64_t r = 0; r < mrows; ++r) {
-      float* srow = s + r * kBlockK;
-      const int64_t kend = p.causal ? std::min(i0 + r + 1, len) : len;  // keys [0, kend) visible
-      const int64_t lim = std::max<int64_t>(kend - j0, 0);
-      for (int64_t j = lim; j < nkr; ++j) srow[j] = kNegInf;
-      float bmax = kNegInf;
-      for (int64_t j = 0; j < nkr; ++j) bmax = std::max(bmax, srow[j]);
-      const float mnew = std::max(m[r], bmax);
-      if (mnew == kNegInf) {  // nothing visible yet in this row (only padded rows): keep zeros
-        for (int64_t j = 0; j < nkr; ++j) srow[j] = 0.f;
-        alpha[r] = 1.f;
-        continue;
-      }
-      float sum = 0.f;
-      for (int64_t j = 0; j < nkr; ++j) {
-        const float e = exp2_nonpos(srow[j] - mnew);
-        srow[j] = e;
-        sum += e;
-      }
-      const float a = exp2_nonpos(m[r] - mnew);  // m[r] = -inf -> 0
-      alpha[r] = a;
-      l[r] = l[r] * a + sum;
-      m[r] = mnew;
+// One work unit (see the file comment): the merged rows [u.row_begin, u.row_end) of image u.b for
+// the query heads of kv head u.kvh, written to the output.
+void run_unit(const Problem& p, const Inputs& in, const Unit& u, float* __restrict work) {
+  const int64_t D = p.D, Dp = p.Dp, G = p.group, b = u.b, len = in.len[b];
+  float* qr = work;                    // [G][kBlockQ][Dp] rotated, pre-scaled queries
+  float* o = qr + G * kBlockQ * Dp;    // [G][kBlockQ][Dp] unnormalised outputs
+  float* kt = o + G * kBlockQ * Dp;    // [Dp][kBlockK] rotated key tile, transposed
+  float* vt = kt + Dp * kBlockK;       // [kBlockK][Dp] value tile
+  float* s = vt + kBlockK * Dp;        // [kTileM][kBlockK] scores, then probabilities
+  float* m = s + kTileM * kBlockK;     // [G][kBlockQ] running max (base 2)
+  float* l = m + G * kBlockQ;          // [G][kBlockQ] running sum
+  float* sums = l + G * kBlockQ;       // [G][Dp] sum of o_i over the current merged row
+  float* cs = sums + G * Dp;           // [Dp] cos row
+  float* sn = cs + Dp;                 // [Dp] sin row
+  float* x = sn + Dp;                  // [Dp] a loaded row
+  float* rot = x + Dp;                 // [Dp] a rotated row
+  int64_t pos[kBlockQ];                // positions of the chunk, ascending
+  int64_t vis[kBlockQ];                // keys [0, vis[r]) are visible to query r
+  int64_t sorted_of[kBlockQ];          // chunk entry t -> its row in the sorted chunk
+  std::pair<int32_t, int32_t> entries[kBlockQ];
+
+  auto out_row = [&](int64_t g, int64_t a) {
+    return in.out + (b * in.os0 + (u.kvh * G + g) * in.os1 + a * in.os2) * in.out_elem;
+  };
+  auto write_zero_rows = [&](int64_t a0, int64_t a1) {  // rows nobody maps to
+    std::fill(rot, rot + Dp, 0.f);
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t g = 0; g < G; ++g) in.out_store(rot, D, out_row(g, a), in.os3);
+  };
+  int64_t cur = u.row_begin - 1, count = 0;  // the merged row being summed, and its positions so far
+  auto finish_row = [&]() {
+    if (cur < u.row_begin) return;
+    const float inv = 1.f / static_cast<float>(count);
+    for (int64_t g = 0; g < G; ++g) {
+      float* acc = sums + g * Dp;
+      for (int64_t c = 0; c < D; ++c) acc[c] *= inv;
+      in.out_store(acc, D, out_row(g, cur), in.os3);
     }
-    for (int64_t r = 0; r < mrows; ++r) {
-      const float a = alpha[r];
-      if (a != 1.f) {
-        float* orow = o + r * Dp;
-        for (int64_t c = 0; c < Dp; ++c) orow[c] *= a;
+  };
+
+  for (int64_t c0 = u.ord_begin; c0 < u.ord_end; c0 += kBlockQ) {
+    const int64_t n = std::min(kBlockQ, u.ord_end - c0);
+    const int32_t* ord = in.order + b * p.Nf + c0;
+    for (int64_t t = 0; t < n; ++t) entries[t] = {ord[t], static_cast<int32_t>(t)};
+    std::sort(entries, entries + n);  // positions are distinct: no ties
+    for (int64_t r = 0; r < n; ++r) {
+      pos[r] = entries[r].first;
+      sorted_of[entries[r].second] = r;
+    }
+    const int64_t mrows = round_up(n, kTileM);
+    for (int64_t r = n; r < mrows; ++r) pos[r] = pos[n - 1];  // padding rows repeat the last query
+    for (int64_t r = 0; r < mrows; ++r) vis[r] = p.causal ? pos[r] + 1 : len;
+    const int64_t kend = vis[mrows - 1];  // the largest
+
+    // Rotated queries of every head of the group; padding rows are zero.
+    for (int64_t r = 0; r < n; ++r) {
+      in.cos.row3(b, pos[r], D, cs);
+      in.sin.row3(b, pos[r], D, sn);
+      const int64_t a = in.merged_row(b, pos[r], p.Nu);
+      for (int64_t g = 0; g < G; ++g) {
+        float* row = qr + (g * kBlockQ + r) * Dp;
+        in.q.row(b, u.kvh * G + g, a, D, x);
+        rope_row(x, cs, sn, D, p.qscale, row);
+        std::fill(row + D, row + Dp, 0.f);
       }
     }
-    const float* vblk = vb + j0 * Dp;
-    for (int64_t r = 0; r < mrows; r += kTileM)
-      for (int64_t c = 0; c < Dp; c += kTileN) pv_tile(s + r * kBlockK, kBlockK, vblk + c, Dp, nkr, o + r * Dp + c, Dp);
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(qr + (g * kBlockQ + n) * Dp, qr + (g * kBlockQ + mrows) * Dp, 0.f);
+      std::fill(o + g * kBlockQ * Dp, o + (g * kBlockQ + mrows) * Dp, 0.f);
+      std::fill(m + g * kBlockQ, m + g * kBlockQ + mrows, kNegInf);
+      std::fill(l + g * kBlockQ, l + g * kBlockQ + mrows, 0.f);
+    }
+
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      const int64_t nkr = round_up(nk, kTileN);
+      // Gather + rotate the key tile once for the whole group (padding keys: zero K columns).
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t i = j0 + j, a = in.merged_row(b, i, p.Nu);
+        in.cos.row3(b, i, D, cs);
+        in.sin.row3(b, i, D, sn);
+        in.k.row(b, u.kvh, a, D, x);
+        rope_row(x, cs, sn, D, 1.f, rot);
+        for (int64_t d = 0; d < D; ++d) kt[d * kBlockK + j] = rot[d];
+        for (int64_t d = D; d < Dp; ++d) kt[d * kBlockK + j] = 0.f;
+        float* vrow = vt + j * Dp;
+        in.v.row(b, u.kvh, a, D, vrow);
+        std::fill(vrow + D, vrow + Dp, 0.f);
+      }
+      for (int64_t j = nk; j < nkr; ++j)
+        for (int64_t d = 0; d < Dp; ++d) kt[d * kBlockK + j] = 0.f;
+      // Register tiles whose queries all precede this key tile see nothing in it: skipped.
+      int64_t r_first = 0;
+      while (r_first < mrows && vis[r_first + kTileM - 1] <= j0) r_first += kTileM;
+
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qr + g * kBlockQ * Dp;
+        float* og = o + g * kBlockQ * Dp;
+        float* mg = m + g * kBlockQ;
+        float* lg = l + g * kBlockQ;
+        for (int64_t r0 = r_first; r0 < mrows; r0 += kTileM) {
+          int64_t vr[kTileM];  // visible keys of each row within this tile: [0, vr)
+          for (int rr = 0; rr < kTileM; ++rr) vr[rr] = std::min(std::max<int64_t>(vis[r0 + rr] - j0, 0), nk);
+          const int64_t lo = vr[0], hi = vr[kTileM - 1];  // rows ascending: the fewest, the most
+          for (int64_t jj = 0; jj < round_up(hi, kTileN); jj += kTileN)
+            qk_tile(qg + r0 * Dp, Dp, kt + jj, kBlockK, Dp, s + jj, kBlockK);
+          for (int rr = 0; rr < kTileM; ++rr) {
+            const int64_t r = r0 + rr, nv = vr[rr];
+            if (nv == 0) continue;  // nothing visible to this row here: state unchanged
+            float* srow = s + rr * kBlockK;
+            float bmax = kNegInf;
+            for (int64_t j = 0; j < nv; ++j) bmax = std::max(bmax, srow[j]);
+            const float mnew = std::max(mg[r], bmax);
+            if (mnew == kNegInf) {  // every visible score so far is -inf: no weight yet
+              for (int64_t j = 0; j < nv; ++j) srow[j] = 0.f;
+              continue;
+            }
+            float sum = 0.f;
+            for (int64_t j = 0; j < nv; ++j) {
+              const float e = exp2_nonpos(srow[j] - mnew);
+              srow[j] = e;
+              sum += e;
+            }
+            const float alpha = exp2_nonpos(mg[r] - mnew);  // m = -inf -> 0
+            lg[r] = lg[r] * alpha + sum;
+            mg[r] = mnew;
+            if (alpha != 1.f) {
+              float* orow = og + r * Dp;
+              for (int64_t c = 0; c < Dp; ++c) orow[c] *= alpha;
+            }
+          }
+          for (int64_t c = 0; c < Dp; c += kTileN) pv_tile(s, kBlockK, vt + c, Dp, lo, hi, vr, og + r0 * Dp + c, Dp);
+        }
+      }
+    }
+
+    // Epilogue: o_i / l_i summed into merged rows, entries in chunk order (ascending positions
+    // within each row); a row may continue into the next chunk of this unit.
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t r = sorted_of[t], a = in.merged_row(b, ord[t], p.Nu);
+      if (a != cur) {
+        finish_row();
+        write_zero_rows(std::max(cur + 1, u.row_begin), a);
+        cur = a;
+        count = 0;
+        std::fill(sums, sums + G * Dp, 0.f);
+      }
+      ++count;
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / l[g * kBlockQ + r];
+        const float* orow = o + (g * kBlockQ + r) * Dp;
+        float* acc = sums + g * Dp;
+        for (int64_t c = 0; c < Dp; ++c) acc[c] += orow[c] * inv;
+      }
+    }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.f / l[r];  // l >= 1 for a valid row: key 0 is always visible
-    const float* orow = o + r * Dp;
-    float* dst = qblk + r * Dp;
-    for (int64_t c = 0; c < Dp; ++c) dst[c] = orow[c] * inv;
-  }
+  finish_row();
+  write_zero_rows(std::max(cur + 1, u.row_begin), u.row_end);
 }
 
 #endif  // DYMU_VTU_KERNEL_BODY

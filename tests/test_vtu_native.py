@@ -133,3 +133,114 @@ def test_batch_groups_equal_single_images():
         assert torch.equal(batched[b:b + 1], one), b
     reference = dk.vtu_attention(q, k, v, cos, sin, pos_map, full_lengths=full_lengths, backend="reference")
     assert (batched.float() - reference.float()).abs().max() < 2e-2
+
+
+def scattered_map(bsz, nf, nu, generator, long_rows=()):
+    """[bsz, nf] int32 onto maps whose rows are scattered over the sequence (as DToMe's are),
+    with the rows in ``long_rows`` covering many positions (more than one 64-position chunk)."""
+    maps = []
+    for _ in range(bsz):
+        weights = torch.ones(nu)
+        for a in long_rows:
+            weights[a] = 40.0
+        extra = torch.multinomial(weights, nf - nu, replacement=True, generator=generator)
+        rows = torch.cat([torch.arange(nu), extra])
+        maps.append(rows[torch.randperm(nf, generator=generator)])
+    return torch.stack(maps).to(torch.int32)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scattered_rows_and_rows_longer_than_a_chunk(causal, dtype):
+    """Rows whose positions are spread over the sequence and rows of 100+ positions (one work
+    unit processed in several chunks); GQA 8 on 2; ragged full_lengths."""
+    bsz, hq, hkv, nu, nf, d = 2, 8, 2, 24, 400, 64
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(bsz, h, nu, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    cos, sin = rope_tables(nf, d, dtype=dtype)
+    pos_map = scattered_map(bsz, nf, nu, g, long_rows=(3, 17))
+    assert (pos_map[0] == 3).sum() > 64
+    full_lengths = torch.tensor([400, 333], dtype=torch.int32)
+    pos_map = torch.where(torch.arange(nf) < full_lengths[:, None], pos_map, -1).to(torch.int32)
+    check_against_oracle(q, k, v, cos, sin, pos_map, full_lengths, causal=causal)
+
+
+def lone_row_map(nf, nu, lone_row, lone_pos, generator):
+    """[1, nf] onto map in which merged row ``lone_row`` is covered by position ``lone_pos`` only."""
+    others = torch.tensor([a for a in range(nu) if a != lone_row])
+    rows = others[torch.randint(0, nu - 1, (nf,), generator=generator)]
+    rows[: nu - 1] = others  # every other row covered
+    rows = rows[torch.randperm(nf, generator=generator)]
+    rows[lone_pos] = lone_row
+    if lone_pos < nu - 1:
+        raise ValueError("keep lone_pos past the covering prefix")
+    return rows[None].to(torch.int32)
+
+
+@pytest.mark.parametrize("where", ["k", "v", "both"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_hidden_nonfinite_keys_do_not_leak(where, value):
+    """A merged row seen only at the last position holds NaN/inf in K and/or V: causally hidden
+    from every other query, it may change nothing but its own row (0 * NaN must not leak)."""
+    nf, nu, d, lone = 150, 20, 32, 7
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, h, nu, d, generator=g) for h in (4, 2, 2))
+    cos, sin = rope_tables(nf, d)
+    pos_map = lone_row_map(nf, nu, lone, nf - 1, g)
+    clean = dk.vtu_attention(q, k, v, cos, sin, pos_map, backend="native")
+    bad_k, bad_v = k.clone(), v.clone()
+    if where in ("k", "both"):
+        bad_k[:, :, lone, 3] = value
+    if where in ("v", "both"):
+        bad_v[:, :, lone, 5] = value
+    out = dk.vtu_attention(q, bad_k, bad_v, cos, sin, pos_map, backend="native")
+    others = [a for a in range(nu) if a != lone]
+    assert torch.equal(out[:, :, others], clean[:, :, others])
+    assert not out[:, :, lone].isfinite().all()  # visible to its own query: propagates
+
+
+def test_keys_past_full_lengths_do_not_leak():
+    """NaN in K/V of a row that only padded positions (>= full_lengths) point to, and NaN in
+    cos/sin there: nothing changes, non-causal attention included."""
+    nf, nu, d = 130, 12, 16
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, h, nu, d, generator=g) for h in (2, 1, 1))
+    cos, sin = rope_tables(nf, d)
+    full_lengths = torch.tensor([100], dtype=torch.int32)
+    pos_map = torch.cat([onto_map(1, 100, nu - 1, generator=g), torch.full((1, 30), nu - 1, dtype=torch.int32)], 1)
+    for causal in (True, False):
+        clean = dk.vtu_attention(q, k, v, cos, sin, pos_map, full_lengths=full_lengths, causal=causal, backend="native")
+        bad_k, bad_v, bad_cos = k.clone(), v.clone(), cos.clone()
+        bad_k[:, :, nu - 1] = float("nan")
+        bad_v[:, :, nu - 1] = float("inf")
+        bad_cos[100:] = float("nan")
+        out = dk.vtu_attention(q, bad_k, bad_v, bad_cos, sin, pos_map, full_lengths=full_lengths, causal=causal,
+                               backend="native")
+        assert torch.equal(out, clean)
+        assert (out[:, :, nu - 1] == 0).all()
+
+
+def test_visible_nonfinite_values_propagate():
+    """NaN in V of the row at position 0 (visible to every causal query) reaches every row."""
+    q, k, v, cos, sin, pos_map = inputs(1, 2, 1, 10, 40, 16, torch.float32, seed=14)
+    v = v.clone()
+    v[:, :, int(pos_map[0, 0]), 0] = float("nan")
+    out = dk.vtu_attention(q, k, v, cos, sin, pos_map, backend="native")
+    assert out[..., 0].isnan().all()
+
+
+def test_out_of_range_map_entries_are_clamped():
+    """With validation off (GPU tensors) a map entry outside [0, Nu) at a valid position can reach
+    the kernel: it is clamped into [0, Nu - 1], as the reference does."""
+    from dymu_kernels.vtu import native, reference
+
+    q, k, v, cos, sin, pos_map = inputs(2, 4, 2, 9, 140, 32, torch.float32, seed=15)
+    pos_map = pos_map.clone()
+    pos_map[0, 5], pos_map[0, 77], pos_map[1, 100] = -3, 9, 1000
+    full_lengths = torch.tensor([140, 120], dtype=torch.int32)
+    pos_map[1, 120:] = -1
+    cos3, sin3 = cos.expand(2, -1, -1), sin.expand(2, -1, -1)
+    args = (q, k, v, cos3, sin3, pos_map, full_lengths, True, 32**-0.5)
+    out = native.vtu_attention(*args)
+    expected = reference.vtu_attention(*args)
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -2,11 +2,17 @@
 
 ``vtu_attention`` runs ``dymu::native_vtu_attention`` (csrc/vtu_cpu.cpp) on CPU tensors: a
 blocked flash-attention forward in fp32 over the virtually unmerged sequence, fused with the
-gather, RoPE and re-merge. It receives the arguments ``dymu_kernels.api.vtu_attention`` has
-validated and normalised (the same as ``reference.vtu_attention``).
+gather, RoPE and re-merge: queries are processed in merged-row order, K/V tiles gathered and
+rotated on the fly once per GQA group, each merged row's mean formed in the epilogue. It
+receives the arguments ``dymu_kernels.api.vtu_attention`` has validated and normalised (the
+same as ``reference.vtu_attention``).
 
-Limitations: CPU tensors only (no CUDA kernel yet); fp32 scratch of the full-length rotated
-Q/K/V, O(B * (Hq + 2 Hkv) * Nf * D); inference only.
+Memory beyond the inputs and the output: int32 [B, Nf] (positions grouped by merged row) and
+[B, Nu + 1], plus one fp32 workspace of about (2 * Hq/Hkv + 2) * 64 * D floats per thread; nothing
+of full length. Keys hidden from a query (causal, or >= full_lengths) are skipped, so NaN/inf
+there cannot reach its output.
+
+Limitations: CPU tensors only (no CUDA kernel yet); inference only.
 """
 
 import torch

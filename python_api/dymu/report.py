@@ -384,7 +384,9 @@ def render_report(json_path, out_dir) -> dict:
     except ValueError:
         source = str(json_path)
     markdown = out_dir / "report.md"
-    write_text(markdown, render_markdown(machine, rows, source=source) + "\n")
+    extra = out_dir / "vtu_memory.md"  # written by benchmarks/memory.py (see run_bench)
+    memory = "\n" + extra.read_text() if extra.is_file() else ""
+    write_text(markdown, render_markdown(machine, rows, source=source) + "\n" + memory)
     png = render_plot(machine, rows, out_dir / "report.png")
     return {"markdown": markdown, "png": png}
 
@@ -409,7 +411,8 @@ def run_bench(out_dir=None, keyword: str | None = None, bench_dir=None, pytest_a
 
     Writes ``benchmark.json`` (with this machine's description added), ``report.md`` and
     ``report.png`` into ``out_dir`` (default ``benchmarks/results/<machine tag>/``) and prints
-    where they went. ``keyword`` is passed to pytest as ``-k``. Returns pytest's exit code
+    where they went; a full run (no ``keyword``) also writes ``vtu_memory.md`` (benchmarks/memory.py:
+    VTU peak memory per backend), which the report appends. ``keyword`` is passed to pytest as ``-k``. Returns pytest's exit code
     (the report is still rendered when some benchmarks failed but results were written).
     """
     bench_dir = Path(bench_dir) if bench_dir else find_benchmarks_dir()
@@ -429,6 +432,9 @@ def run_bench(out_dir=None, keyword: str | None = None, bench_dir=None, pytest_a
         data = json.loads(partial.read_text())
     finally:
         partial.unlink(missing_ok=True)
+    memory_script = bench_dir / "memory.py"  # VTU peak memory per backend (measured / model)
+    if memory_script.is_file() and not keyword:
+        subprocess.call([sys.executable, str(memory_script), "--out", str(out_dir / "vtu_memory.md")], cwd=bench_dir.parent)
     data.setdefault("machine_info", {})["dymu"] = machine
     write_text(json_path, json.dumps(data, indent=2) + "\n")
     paths = render_report(json_path, out_dir)
