@@ -316,3 +316,147 @@ def test_bad_calls_say_why():
         too_many = torch.cat([inputs["pixel_values"]] * 2)
         with pytest.raises(ValueError, match="placeholder tokens for 1"):
             model(input_ids=inputs["input_ids"], pixel_values=too_many)
+
+
+# ----------------------------------------------------------------------------- LLaVA-OneVision (anyres)
+
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+SIZES = [[20, 56], [56, 30], [28, 28], [50, 44], [21, 28]]  # (H, W): unpadding on both axes, square, ...
+
+
+def tiny_onevision(seed=0, **extra):
+    torch.manual_seed(seed)
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision_config("siglip"), text_config=text_config("qwen2"), image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full", **extra,
+    )  # fmt: skip
+    model = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                p.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def onevision_prompts(model, images_per_prompt=(0, 1, 2), seed=1, sizes=SIZES):
+    """Processor-like OneVision inputs: crops [N_img, 5, 3, 28, 28], image_sizes, batch_num_images,
+    and as many placeholders per image as the stock layout gives it."""
+    g = torch.Generator().manual_seed(seed)
+    num_images = sum(images_per_prompt)
+    sizes = torch.tensor(sizes[:num_images])
+    pixels = torch.randn(num_images, 5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    pixels = torch.nn.functional.avg_pool2d(pixels.flatten(0, 1), 5, stride=1, padding=2).view_as(pixels)
+    pixels = pixels * torch.linspace(0.5, 3, num_images)[:, None, None, None, None]
+    batch_num_images = torch.tensor(images_per_prompt)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, sizes, batch_num_images=batch_num_images).pooler_output
+    counts = [f.shape[0] for f in feats]
+    rows, k = [], 0
+    for count in images_per_prompt:
+        ids = torch.randint(1, 90, (3,), generator=g).tolist()
+        for _ in range(count):
+            ids += [IMAGE_TOKEN] * counts[k] + torch.randint(1, 90, (2,), generator=g).tolist()
+            k += 1
+        rows.append(ids)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, ids in enumerate(rows):
+        input_ids[b, width - len(ids):] = torch.tensor(ids)
+        mask[b, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes,
+            "batch_num_images": batch_num_images}  # fmt: skip
+
+
+@pytest.mark.parametrize("images_per_prompt", [(0, 1, 2), (1, 1, 0)])
+def test_onevision_inf_thresholds_equal_stock(images_per_prompt):
+    model = tiny_onevision()
+    inputs = onevision_prompts(model, images_per_prompt)
+    stock_logits, stock_tokens = logits_of(model, inputs), greedy(model, inputs)
+    with dymu.patch_vlm(model, inf_thresholds(model), backend="reference") as handle:
+        logits = logits_of(model, inputs)
+        tokens = greedy(model, inputs)
+        assert handle.last_lengths is not None
+    valid = inputs["attention_mask"].bool()
+    assert (logits[valid] - stock_logits[valid]).abs().max() < 1e-5
+    assert torch.equal(tokens, stock_tokens)
+
+
+def onevision_manual_generate(model, inputs, thresholds, n=6):
+    """Manual path for multi-image prompts (no anyres: one crop per image, then the newline row)."""
+    inner = model.model
+    encoder = dymu.DToMeEncoder(inner.vision_tower, thresholds, output_layer=model.config.vision_config.num_hidden_layers)
+    llm = transformers.Qwen2ForCausalLM(model.config.text_config).eval()
+    llm.model.load_state_dict(inner.language_model.state_dict())
+    llm.lm_head.load_state_dict(model.lm_head.state_dict())
+    with torch.no_grad():
+        out = encoder(inputs["pixel_values"][:, 0])
+        images = dymu.images_from_encoder(inner.multi_modal_projector(out.last_hidden_state), out.pos_map, out.lengths)
+        images = [dymu.VTUImage(torch.cat([im.tokens, inner.image_newline[None]]),
+                                torch.cat([im.pos_map, torch.tensor([im.tokens.shape[0]], dtype=im.pos_map.dtype)]))
+                  for im in images]  # fmt: skip
+        embed = llm.get_input_embeddings()
+        sequences, k = [], 0
+        for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+            ids = ids[mask.bool()].tolist()
+            parts, text, i = [], [], 0
+            while i < len(ids):
+                if ids[i] == IMAGE_TOKEN:
+                    parts += [embed(torch.tensor(text, dtype=torch.long)), images[k]]
+                    i += images[k].pos_map.shape[0]
+                    k, text = k + 1, []
+                else:
+                    text.append(ids[i])
+                    i += 1
+            parts.append(embed(torch.tensor(text, dtype=torch.long)))
+            sequences.append(parts)
+        batch = dymu.build_vtu_inputs(sequences)
+        tokens = dymu.generate(llm, batch.inputs_embeds, batch.pos_map, n, full_lengths=batch.full_lengths, backend="reference")
+    return tokens, out.lengths
+
+
+def test_onevision_finite_thresholds_match_manual_path():
+    model = tiny_onevision()
+    inputs = onevision_prompts(model, (0, 2, 3))
+    thresholds = finite_thresholds(model)
+    expected, lengths = onevision_manual_generate(model, inputs, thresholds)
+    assert lengths.min() < lengths.max() < 16
+    with dymu.patch_vlm(model, thresholds, backend="reference") as handle:
+        tokens = greedy(model, inputs)
+        assert torch.equal(handle.last_lengths, lengths)
+    assert torch.equal(tokens, expected)
+
+
+def test_onevision_anyres_crops_merge_independently():
+    """Finite thresholds with anyres crops: every crop merged on its own; positions map onto the
+    crop's merged rows (unpadding acts on positions), every newline a row of its own."""
+    model = tiny_onevision()
+    inputs = onevision_prompts(model, (1, 1, 1))
+    thresholds = finite_thresholds(model)
+    handle = dymu.patch_vlm(model, thresholds, backend="reference")
+    try:
+        crops = dymu.DToMeEncoder(model.model.vision_tower, thresholds)(
+            torch.cat([inputs["pixel_values"][i, :n] for i, n in enumerate([3, 5, 2])])
+        ).lengths
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"])
+        assert torch.equal(handle.last_lengths, crops)
+        for image, count in zip(features.dymu_images, [int(m.sum()) for m in (inputs["input_ids"] == IMAGE_TOKEN)]):
+            assert image.pos_map.shape[0] == count  # one map entry per placeholder (stock layout length)
+            assert torch.equal(torch.unique(image.pos_map), torch.arange(image.tokens.shape[0]))  # every row covered
+        tokens = greedy(model, inputs)
+        assert tokens.shape == (3, 6)
+    finally:
+        handle.remove()
+    assert "get_image_features" not in model.model.__dict__ and "forward" not in model.model.__dict__
+
+
+def test_onevision_refuses_steps_that_cannot_act_on_positions():
+    model = tiny_onevision(vision_aspect_ratio="anyres_max_1")  # large images get bilinearly downscaled
+    inputs = onevision_prompts(model, (1,), sizes=[[56, 56]])
+    with dymu.patch_vlm(model, finite_thresholds(model)):
+        with pytest.raises(NotImplementedError, match="interpolates"):
+            model(**inputs)
+        with pytest.raises(NotImplementedError, match="video"):
+            model(input_ids=inputs["input_ids"], pixel_values_videos=torch.randn(1, 2, 3, IMAGE_SIZE, IMAGE_SIZE))
