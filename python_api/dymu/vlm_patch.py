@@ -45,7 +45,9 @@ one int (a list concatenates layers that see different token sets); ``inputs_emb
 ``mm_encoder_outputs`` cannot replace ``input_ids`` / ``pixel_values`` in a call with images
 (the placeholders must be found, the features must be merged); images in a prompt that
 continues an existing cache are refused; ``output_hidden_states`` / ``output_attentions`` are
-not produced on calls with images.
+not produced on calls with images; ``generate`` with ``num_beams`` or ``num_return_sequences``
+above 1 is not supported (transformers expands image features by placeholder counts, which merged
+images no longer match).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from torch import nn
 from .encoder_adapters import resolve
 from .encoders import DToMeEncoder, normalize_thresholds
 from .vtu_inputs import VTUImage, build_vtu_inputs, images_from_encoder
-from .vtu_llm import vtu_forward
+from .vtu_llm import _cache_kwarg, vtu_forward
 
 __all__ = ["VLMPatch", "patch_vlm", "shipped_settings"]
 
@@ -362,10 +364,15 @@ class VLMPatch:
             raise NotImplementedError("patch_vlm: video features are pooled (bilinear) after the tower; pooling cannot act on token positions")
         encoded = (mm_encoder_outputs or {}).get("image")
         if pixel_values is None and encoded is None:  # text only, or a decode step: the stock model
-            return type(inner).forward(
-                inner, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            stock = type(inner).forward
+            if cache is not None:
+                kwargs[_cache_kwarg(stock)] = cache  # "cache" in transformers 5.2x, "past_key_values" before
+            if mm_encoder_outputs is not None:
+                kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+            return stock(
+                inner, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy, mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+                vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
             )  # fmt: skip
         if pixel_values is not None and encoded is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
@@ -429,7 +436,10 @@ class VLMPatch:
                     j += 1
                     continue
                 if next_image >= len(images):
-                    raise ValueError(f"more image placeholder tokens than images ({len(images)}): sequence {b} position {int(slots[j])}")
+                    raise ValueError(
+                        f"more image placeholder tokens than images ({len(images)}): sequence {b} position {int(slots[j])} "
+                        "(generate with num_beams / num_return_sequences > 1 is not supported under patch_vlm)"
+                    )
                 image = images[next_image]
                 need = image.pos_map.shape[0]
                 if not all(is_image[j:j + need]) or j + need > len(is_image):
