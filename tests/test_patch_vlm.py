@@ -247,11 +247,13 @@ def test_remove_restores_bit_identical_stock():
     model = tiny_llava("siglip", "llama", "full")
     inputs = prompts(model)
     before = logits_of(model, inputs)
+    config = model.config.to_dict()
     handle = dymu.patch_vlm(model, finite_thresholds(model))
     patched = logits_of(model, inputs)
     assert not torch.equal(patched, before)
     handle.remove()
-    assert "forward" not in model.model.__dict__
+    assert "forward" not in model.model.__dict__ and "get_image_features" not in model.model.__dict__
+    assert model.config.to_dict() == config
     assert torch.equal(logits_of(model, inputs), before)
     handle.remove()  # idempotent
     with dymu.patch_vlm(model, finite_thresholds(model)):
