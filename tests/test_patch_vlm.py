@@ -462,3 +462,15 @@ def test_onevision_refuses_steps_that_cannot_act_on_positions():
             model(**inputs)
         with pytest.raises(NotImplementedError, match="video"):
             model(input_ids=inputs["input_ids"], pixel_values_videos=torch.randn(1, 2, 3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def test_unsupported_tower_is_refused():
+    config = transformers.LlavaConfig(
+        vision_config=transformers.Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH),
+        text_config=text_config("llama"), image_token_id=IMAGE_TOKEN,
+    )  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with pytest.raises(TypeError, match="unsupported vision tower Dinov2WithRegistersModel"):
+        dymu.patch_vlm(model, 0.5)
+    _assert_unchanged(model)
