@@ -18,6 +18,7 @@ def test_demo_runs_end_to_end(tmp_path):
     # the busy photo keeps more tokens than the simple one, and 'high' keeps more than 'low'
     assert kept["low"][1] > kept["low"][0] and kept["high"][1] > kept["high"][0]
     assert all(h > l for h, l in zip(kept["high"], kept["low"]))
+    assert set(result["answers"]) == {"full", "low", "high"}  # the VLM's own generate, per setting
     fidelity = result["fidelity"]["high"]
     assert fidelity.cos_vtu > 0.9 and fidelity.kl_vtu < fidelity.kl_novtu
 

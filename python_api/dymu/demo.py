@@ -4,12 +4,16 @@
    settings: a table of tokens kept per photo and setting, and its correlation with image
    complexity (JPEG size of the crop).
 2. A PNG grid colouring each photo by its merged groups (the paper's qualitative figure).
-3. A research VLM: DINOv2 patch features -> a fixed (untrained, seeded) linear projector ->
-   SmolLM2-135M-Instruct. For each photo and setting it compares full tokens, merged + VTU, and
-   merged without VTU (merged tokens at consecutive positions): next-token agreement with the
-   full-token run, KL(full || variant) of the next-token distribution, and the cosine of the
-   last hidden state. The projector is untrained, so this measures fidelity, not accuracy.
-4. Wall-clock time of the encoder and of the LLM prefill, full against DyMU, per backend.
+3. A research VLM built as a genuine ``LlavaForConditionalGeneration``: DINOv2-S/14 tower -> a
+   fixed (untrained, seeded) projector -> SmolLM2-135M-Instruct. DyMU is switched on with
+   ``dymu.patch_vlm(vlm, setting)`` and reached through the model's own forward and generate.
+   For each photo and setting it compares full tokens (the stock model), merged + VTU, and
+   merged without VTU (the same merged tokens at consecutive positions): next-token agreement
+   with the full-token run, KL(full || variant) of the next-token distribution, and the cosine
+   of the last hidden state; and prints the greedy answer of ``vlm.generate`` per setting. The
+   projector is untrained, so this measures fidelity, not accuracy.
+4. Wall-clock time of the encoder and of the VLM forward (tower + prefill), full against DyMU,
+   per backend.
 
 Outputs (markdown report, PNG grid) go to ``--out`` (default ./out/demo), printed at the end.
 """
@@ -68,50 +72,82 @@ class Fidelity:
     cos_novtu: float
 
 
-class ResearchVLM:
-    """DINOv2 patch features -> fixed seeded linear projector -> SmolLM2 (fidelity studies only)."""
+IMAGE_TOKEN = "<empty_output>"  # a special token of SmolLM2's vocabulary no prompt uses: the image placeholder
 
-    def __init__(self, llm, tokenizer, vision_dim: int, seed: int = 0):
-        self.llm, self.tokenizer = llm, tokenizer
-        embed = llm.get_input_embeddings().weight.detach()
-        g = torch.Generator().manual_seed(seed)
-        weight = torch.randn(embed.shape[1], vision_dim, generator=g) / math.sqrt(vision_dim)
-        self.weight = weight.to(embed.dtype)
-        self.target_norm = float(embed.float().norm(dim=-1).mean())
-        ids = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # noqa: E731
+
+def build_research_vlm(vit, llm, tokenizer, pixels: torch.Tensor, seed: int = 0):
+    """The research VLM as a genuine ``LlavaForConditionalGeneration``: DINOv2-S/14 tower
+    (``vision_feature_layer=-1``, CLS dropped), a fixed projector, SmolLM2-135M.
+
+    The projector is LLaVA's linear -> activation -> linear with a seeded random first matrix
+    (384 -> 576), the identity activation and a scalar second matrix chosen once so that the
+    projected patch tokens of ``pixels`` have, on average, the norm of SmolLM2's token
+    embeddings. It is untrained: the VLM measures fidelity, not accuracy. The tower and the LLM
+    are the given modules (shared, not copied).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = LlavaConfig(
+        vision_config=vit.config, text_config=llm.config, image_token_id=image_token_id, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="linear", multimodal_projector_bias=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        vlm = LlavaForConditionalGeneration(config)
+    vlm.model.vision_tower = vit
+    vlm.model.language_model = llm.model
+    vlm.lm_head = llm.lm_head
+    embed = llm.get_input_embeddings().weight.detach()
+    vision_dim = vit.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    first = (torch.randn(embed.shape[1], vision_dim, generator=g) / math.sqrt(vision_dim)).to(embed.dtype)
+    with torch.no_grad():
+        features = vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        scale = float(embed.float().norm(dim=-1).mean()) / float((features.to(embed.dtype) @ first.T).norm(dim=-1).mean())
+    projector = type(vlm.model.multi_modal_projector)(config).to(embed.dtype)
+    with torch.no_grad():
+        projector.linear_1.weight.copy_(first)
+        projector.linear_2.weight.copy_(torch.eye(embed.shape[1], dtype=embed.dtype) * scale)
+    vlm.model.multi_modal_projector = projector
+    vlm.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    return vlm.eval()
+
+
+class VLMPrompts:
+    """The demo's prompt around one photo, as a processor would give it to the VLM."""
+
+    def __init__(self, vlm, tokenizer, num_patches: int):
+        ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        self.vlm = vlm
+        self.before, self.after = ids(PROMPT_BEFORE), ids(PROMPT_AFTER)
+        self.input_ids = torch.tensor([self.before + [vlm.config.image_token_id] * num_patches + self.after])
+
+    def inputs(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """input_ids [B, L], attention_mask, pixel_values [B, 3, H, W] (one photo per prompt)."""
+        ids = self.input_ids.expand(pixels.shape[0], -1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+    def last(self, **inputs):
+        """(next-token logits [B, V], last hidden state [B, H]) of the VLM's own forward."""
         with torch.no_grad():
-            self.before = llm.get_input_embeddings()(ids(PROMPT_BEFORE))
-            self.after = llm.get_input_embeddings()(ids(PROMPT_AFTER))
-        self._hidden: List[torch.Tensor] = []
-        llm.model.norm.register_forward_hook(lambda _m, _i, out: self._hidden.append(out))
+            hidden = self.vlm.model(**inputs, use_cache=False).last_hidden_state[:, -1]
+            return self.vlm.lm_head(hidden).float(), hidden.float()
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """[n, vision_dim] -> [n, H], rescaled so token norms match the text embeddings'."""
-        x = features.to(self.weight.dtype) @ self.weight.T
-        return x * (self.target_norm / x.norm(dim=-1, keepdim=True).mean().clamp_min(1e-6))
-
-    def full(self, patches: torch.Tensor):
-        """Stock LLM on [prompt ; all patch tokens ; prompt]: (next-token logits, last hidden)."""
-        embeds = torch.cat([self.before, self.project(patches), self.after])[None]
-        self._hidden.clear()
+    def merged_without_vtu(self, pixels: torch.Tensor):
+        """Merged tokens (the patched tower + projector) fed at consecutive positions, stock LLM."""
+        embed = self.vlm.get_input_embeddings()
         with torch.no_grad():
-            logits = self.llm(inputs_embeds=embeds).logits[0, -1]
-        return logits.float(), self._hidden[-1][0, -1].float()
+            tokens = self.vlm.model.get_image_features(pixel_values=pixels).pooler_output[0]
+            embeds = torch.cat([embed(torch.tensor(self.before)), tokens, embed(torch.tensor(self.after))])[None]
+        return self.last(inputs_embeds=embeds)
 
-    def merged_without_vtu(self, tokens: torch.Tensor):
-        """Stock LLM on the merged tokens at consecutive positions."""
-        return self.full(tokens)
-
-    def merged_vtu(self, tokens: torch.Tensor, pos_map: torch.Tensor, backend: Optional[str] = None):
-        """VTU prefill on the merged tokens with their patch map."""
-        from .vtu_inputs import VTUImage, build_vtu_inputs
-        from .vtu_llm import vtu_forward
-
-        batch = build_vtu_inputs([[self.before, VTUImage(self.project(tokens), pos_map), self.after]])
-        self._hidden.clear()
-        out = vtu_forward(self.llm, batch.inputs_embeds, batch.pos_map, full_lengths=batch.full_lengths, backend=backend)
-        last = int(batch.merged_lengths[0]) - 1  # the last text token is its own merged row
-        return out.logits[0, last].float(), self._hidden[-1][0, last].float()
+    def answer(self, tokenizer, pixels: torch.Tensor, max_new_tokens: int = 16) -> str:
+        """The VLM's own greedy generate on one photo (DyMU when a patch is active)."""
+        inputs = self.inputs(pixels)
+        with torch.no_grad():
+            out = self.vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -190,30 +226,37 @@ def run(
     grid_path = save_grid(rows, os.path.join(out_dir, "dymu_groups.png"),
                           title="DToMe on DINOv2-S/14: each merged group painted with its mean colour")
 
-    # 3. fidelity of the research VLM
+    # 3. fidelity of the research VLM, a LlavaForConditionalGeneration reached through dymu.patch_vlm
+    from .vlm_patch import patch_vlm
+
     print("loading SmolLM2-135M-Instruct (first run converts it into the cache) ...", flush=True)
     llm, tokenizer = load_smollm2()
-    vlm = ResearchVLM(llm, tokenizer, vit.config.hidden_size)
-    full_out = DToMeEncoder(vit, float("inf"))(pixels)
-    reference = [vlm.full(full_out.last_hidden_state[i, 1:]) for i in _progress(range(len(names)), "LLM, full tokens")]
+    vlm = build_research_vlm(vit, llm, tokenizer, pixels)
+    prompts = VLMPrompts(vlm, tokenizer, num_patches)
+    reference = [prompts.last(**prompts.inputs(pixels[i:i + 1])) for i in _progress(range(len(names)), "VLM, full tokens")]
+    answer_photo = names.index("chelsea") if "chelsea" in names else 0
+    answers = {"full": prompts.answer(tokenizer, pixels[answer_photo:answer_photo + 1])}
     fidelity: Dict[str, Fidelity] = {}
     for s in settings:
-        from .vtu_inputs import images_from_encoder
-
-        images = images_from_encoder(outputs[s].last_hidden_state, outputs[s].pos_map, outputs[s].lengths, drop_cls=True)
         stats = []
-        for i in _progress(range(len(names)), f"LLM, {s}"):
-            ref_logits, ref_hidden = reference[i]
-            vtu_logits, vtu_hidden = vlm.merged_vtu(images[i].tokens, images[i].pos_map)
-            nov_logits, nov_hidden = vlm.merged_without_vtu(images[i].tokens)
-            stats.append((
-                float(vtu_logits.argmax() == ref_logits.argmax()), float(nov_logits.argmax() == ref_logits.argmax()),
-                _kl(ref_logits, vtu_logits), _kl(ref_logits, nov_logits),
-                _cos(ref_hidden, vtu_hidden), _cos(ref_hidden, nov_hidden),
-            ))
+        with patch_vlm(vlm, s):
+            for i in _progress(range(len(names)), f"VLM, {s}"):
+                ref_logits, ref_hidden = reference[i]
+                vtu_logits, vtu_hidden = prompts.last(**prompts.inputs(pixels[i:i + 1]))
+                nov_logits, nov_hidden = prompts.merged_without_vtu(pixels[i:i + 1])
+                stats.append((
+                    float(vtu_logits[0].argmax() == ref_logits[0].argmax()), float(nov_logits[0].argmax() == ref_logits[0].argmax()),
+                    _kl(ref_logits[0], vtu_logits[0]), _kl(ref_logits[0], nov_logits[0]),
+                    _cos(ref_hidden[0], vtu_hidden[0]), _cos(ref_hidden[0], nov_hidden[0]),
+                ))
+            answers[s] = prompts.answer(tokenizer, pixels[answer_photo:answer_photo + 1])
         fidelity[s] = Fidelity(*np.mean(np.array(stats), axis=0).tolist())
     say()
-    say(f"## Fidelity of the research VLM (DINOv2-S/14 -> fixed projector -> SmolLM2-135M), mean over {len(names)} photos")
+    say(f"## Fidelity of the research VLM (LlavaForConditionalGeneration: DINOv2-S/14 -> fixed projector -> SmolLM2-135M), "
+        f"mean over {len(names)} photos")
+    say()
+    say("DyMU through `dymu.patch_vlm(vlm, setting)` and the model's own forward; \"no VTU\" feeds the same merged "
+        "tokens at consecutive positions.")
     say()
     say("| setting | tokens kept | next-token agreement (VTU / no VTU) | KL full→variant (VTU / no VTU) | last-hidden cosine (VTU / no VTU) |")
     say("| --- | ---: | ---: | ---: | ---: |")
@@ -221,6 +264,14 @@ def run(
         f = fidelity[s]
         say(f"| {s} | {np.mean(kept[s]):.1f} | {f.agree_vtu:.2f} / {f.agree_novtu:.2f} | {f.kl_vtu:.4f} / {f.kl_novtu:.4f} "
             f"| {f.cos_vtu:.4f} / {f.cos_novtu:.4f} |")
+    say()
+    say(f"Greedy answers of `vlm.generate` on {names[answer_photo]} (untrained projector: fidelity, not accuracy):")
+    say()
+    say("| setting | image tokens | answer |")
+    say("| --- | ---: | --- |")
+    say(f"| full | {num_patches} | {answers['full']!r} |")
+    for s in settings:
+        say(f"| {s} | {kept[s][answer_photo]} | {answers[s]!r} |")
 
     # 4. timings
     timings: Dict[str, Dict[str, float]] = {}
@@ -241,15 +292,15 @@ def run(
             finally:
                 del os.environ["DYMU_BACKEND"]
         say(f"| encoder, {len(names)} photos | {enc_full * 1e3:.0f} ms | " + " | ".join(f"{enc[b] * 1e3:.0f} ms" for b in backends) + " |")
-        from .vtu_inputs import images_from_encoder
-
-        image = images_from_encoder(outputs[s].last_hidden_state[:1], outputs[s].pos_map[:1], outputs[s].lengths[:1], drop_cls=True)[0]
-        llm_full = _best_time(lambda: vlm.full(full_out.last_hidden_state[0, 1:]))
-        llm = {b: _best_time(lambda: vlm.merged_vtu(image.tokens, image.pos_map, backend=b))
-               for b in _progress([b for b in backends if implements(b, "vtu_attention")], "timing LLM prefill")}
-        say(f"| LLM prefill, 1 photo ({num_patches} vs {image.tokens.shape[0]} image tokens) | {llm_full * 1e3:.0f} ms | "
-            + " | ".join(f"{llm[b] * 1e3:.0f} ms" if b in llm else "n/a" for b in backends) + " |")
-        timings = {"encoder_full": enc_full, "encoder": enc, "llm_full": llm_full, "llm": llm}
+        one = prompts.inputs(pixels[:1])
+        vlm_full = _best_time(lambda: prompts.last(**one))
+        vlm_dymu = {}
+        for b in _progress([b for b in backends if implements(b, "vtu_attention")], "timing VLM forward"):
+            with patch_vlm(vlm, s, backend=b):
+                vlm_dymu[b] = _best_time(lambda: prompts.last(**one))
+        say(f"| VLM forward (tower + prefill), 1 photo ({num_patches} vs {kept[s][0]} image tokens) | {vlm_full * 1e3:.0f} ms | "
+            + " | ".join(f"{vlm_dymu[b] * 1e3:.0f} ms" if b in vlm_dymu else "n/a" for b in backends) + " |")
+        timings = {"encoder_full": enc_full, "encoder": enc, "vlm_full": vlm_full, "vlm": vlm_dymu}
 
     report = os.path.join(out_dir, "demo_report.md")
     from ._atomic import write_text
@@ -258,5 +309,5 @@ def run(
     print()
     print(f"picture: {os.path.abspath(grid_path)}")
     print(f"report:  {os.path.abspath(report)}")
-    return {"kept": kept, "correlation": corr, "fidelity": fidelity, "timings": timings,
+    return {"kept": kept, "correlation": corr, "fidelity": fidelity, "timings": timings, "answers": answers,
             "grid": grid_path, "report": report, "backends_info": dk.backend_info()}
