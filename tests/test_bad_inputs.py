@@ -28,7 +28,6 @@ from dymu_kernels._backends import triton_interpreting
 B, N, C, D = 2, 9, 8, 6
 INF, NAN = math.inf, math.nan
 VTU_MASKING_SKIP = "masking fix lands with the VTU kernel rewrite"
-TRITON_NAN_SKIP = "NaN rule lands with the Triton DToMe kernel fix"
 
 
 class Raises(NamedTuple):
@@ -274,10 +273,7 @@ CASES = {
 # Cases that fail on a backend until another engineer's kernel fix is merged: remove the entry
 # once it lands.
 PENDING = {
-    ("native", "vtu NaN K/V causally hidden"): VTU_MASKING_SKIP,
     ("triton", "vtu NaN K/V causally hidden"): VTU_MASKING_SKIP,
-    ("triton", "NaN in a valid destination row"): TRITON_NAN_SKIP,
-    ("triton", "inf in a valid destination row"): TRITON_NAN_SKIP,
 }
 
 
@@ -435,7 +431,7 @@ def _vtu_params():
     out = []
     for p in cpu_backend_params("vtu_attention"):
         marks = list(p.marks)
-        if p.values[0] != "reference":
+        if p.values[0] == "triton":
             marks.append(pytest.mark.skip(reason=VTU_MASKING_SKIP))
         out.append(pytest.param(p.values[0], marks=marks, id=p.id))
     return out
