@@ -269,3 +269,14 @@ def test_bad_inputs_name_the_argument():
     bad_tail = pos_map.clone()
     bad_tail[:, 8:] = -1
     call(q, k_rows, v_rows, cos, sin, bad_tail, q_positions, full_lengths=torch.tensor([8, 8]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_with_unequal_halves(backend):
+    """cos/sin whose halves differ (not HF's layout) still follow the elementwise definition."""
+    q, k_rows, v_rows, _, _, pos_map, q_positions = make_case(2, 4, 2, 2, 5, 12, 16, torch.float32)
+    cos, sin = torch.randn(15, 16), torch.randn(15, 16)
+    oracle = decode_oracle(q, k_rows, v_rows, cos, sin, pos_map, q_positions)
+    device = device_for(backend)
+    out = dk.vtu_decode_attention(*to(device, q, k_rows, v_rows, cos, sin, pos_map, q_positions), backend=backend)
+    torch.testing.assert_close(out.cpu().double(), oracle, atol=1e-5, rtol=1e-5)
