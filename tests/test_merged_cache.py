@@ -196,3 +196,15 @@ def test_smollm2_demo_photo_merged_equals_full_cache():
     (tok_m, log_m), (tok_f, log_f) = _both(llm, batch, 32)
     assert torch.equal(tok_m, tok_f)
     torch.testing.assert_close(log_m, log_f, atol=1e-4, rtol=0)
+
+
+TRITON = [p for p in backend_params("vtu_decode_attention") if p.id == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_merged_cache_generate_triton_backend(llama_only, backend):
+    """The interpreter is slow: a few steps only (the op itself is covered in test_vtu_decode)."""
+    batch = _prompts()
+    (tok_m, log_m), (tok_f, log_f) = _both(llama_only, batch, 4, backend=backend)
+    assert torch.equal(tok_m, tok_f)
+    torch.testing.assert_close(log_m, log_f, atol=1e-4, rtol=0)
