@@ -35,7 +35,7 @@ def decode_config(head_dim: int, interpreter: bool = False) -> dict:
     if interpreter:
         cfg.update(BLOCK_N=8, SPLIT=16, BLOCK_S=4, num_warps=4)
     else:
-        cfg.update(BLOCK_N=32 if head_dim > 64 else 64, SPLIT=256, BLOCK_S=32, num_warps=4)
+        cfg.update(BLOCK_N=16 if head_dim > 64 else 64, SPLIT=256, BLOCK_S=32, num_warps=4)
     return cfg
 
 
