@@ -42,7 +42,9 @@
 namespace dymu {
 namespace {
 
-constexpr int64_t kBlockQ = 16;  // queries per work item (share every K/V row read)
+constexpr int64_t kBlockQ = 16;      // queries of one kv head per work item (share every K/V row read)
+constexpr int64_t kQueriesItem = 8;  // kv heads are packed into an item up to this many queries, so
+                                     // one read of a position's cos/sin row serves them all
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct DecodeProblem {
@@ -88,6 +90,28 @@ void position_logits(const float* __restrict c, const float* __restrict s, const
   }
 }
 
+// Logits of positions [0, n) (unit-stride cos/sin rows): logit[q][j] for the nq queries.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=haswell", "default")))
+#endif
+void all_logits(const int32_t* __restrict map, int64_t n, int64_t R, const float* __restrict cbase,
+                const float* __restrict sbase, int64_t cs_p, const float* __restrict coef, int64_t nq, int64_t W,
+                float* __restrict logit, int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t r = std::min<int64_t>(std::max<int64_t>(map[j], 0), R - 1);
+    const float* c = cbase + j * cs_p;
+    const float* s = sbase + j * cs_p;
+    const float* cf = coef + r * nq * 2 * W;
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* C = cf + q * 2 * W;
+      const float* S = C + W;
+      float acc = 0.f;
+      for (int64_t w = 0; w < W; ++w) acc += c[w] * C[w] + s[w] * S[w];
+      logit[q * ld + j] = acc;
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=haswell", "default")))
 #endif
@@ -97,14 +121,15 @@ void axpy(float a, const float* __restrict x, int64_t n, float* __restrict y) {
 
 template <typename T>
 void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>& k, const Strided4<T>& v,
-                 T* out, int64_t b, int64_t g, int64_t q0, int64_t nq, std::vector<float>& scratch) {
-  const int64_t D = p.D, W = p.W, h = D / 2, R = p.R;
+                 T* out, int64_t b, int64_t g0, int64_t ng, int64_t q0, int64_t nqh, std::vector<float>& scratch) {
+  // queries i in [0, ng * nqh): kv head g0 + i / nqh, flat query q0 + i % nqh of that head
+  const int64_t D = p.D, W = p.W, h = D / 2, R = p.R, nq = ng * nqh;
   const int64_t len = std::min<int64_t>(std::max<int64_t>(p.lengths[b], 0), p.P);
   // queries of the item: flat index f in [q0, q0 + nq) over (head in group, t)
   std::vector<int64_t> lim(nq);  // visible positions [0, lim)
   int64_t maxlim = 0;
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t t = (q0 + i) % p.Tq;
+    const int64_t t = (q0 + i % nqh) % p.Tq;
     const int64_t pt = p.qpos[b * p.Tq + t];
     lim[i] = std::max<int64_t>(0, std::min<int64_t>(len, pt + 1));
     maxlim = std::max(maxlim, lim[i]);
@@ -126,7 +151,7 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
 
   // 1. rotated queries
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t f = q0 + i, hh = g * p.group + f / p.Tq, t = f % p.Tq;
+    const int64_t f = q0 + i % nqh, hh = (g0 + i / nqh) * p.group + f / p.Tq, t = f % p.Tq;
     const int64_t pt = p.qpos[b * p.Tq + t];
     float* dst = qr + i * D;
     load_row(q.row(b, hh, t), q.s3, D, kb);
@@ -139,16 +164,17 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
   }
   if (maxlim == 0) {
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t f = q0 + i, hh = g * p.group + f / p.Tq, t = f % p.Tq;
+      const int64_t f = q0 + i % nqh, hh = (g0 + i / nqh) * p.group + f / p.Tq, t = f % p.Tq;
       T* o = out + ((b * p.Hq + hh) * p.Tq + t) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(0.f);
     }
     return;
   }
   // 2. coefficients of every row (rows are read once per item)
-  for (int64_t r = 0; r < R; ++r) {
-    load_row(k.row(b, g, r), k.s3, D, kb);
-    for (int64_t i = 0; i < nq; ++i) {
+  for (int64_t r = 0; r < R; ++r)
+   for (int64_t gi = 0; gi < ng; ++gi) {
+    load_row(k.row(b, g0 + gi, r), k.s3, D, kb);
+    for (int64_t i = gi * nqh; i < (gi + 1) * nqh; ++i) {
       const float* a = qr + i * D;
       float* C = coef + (r * nq + i) * 2 * W;
       float* S = C + W;
@@ -170,7 +196,8 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
   std::vector<float> lrow(nq);
   for (int64_t i = 0; i < nq; ++i) mx[i] = kNegInf;
   const bool unit = p.cs_d == 1;
-  for (int64_t j = 0; j < maxlim; ++j) {
+  if (unit) all_logits(map, maxlim, R, cbase, sbase, p.cs_p, coef, nq, W, logit, maxlim);
+  for (int64_t j = 0; j < maxlim && !unit; ++j) {
     const int64_t r = std::min<int64_t>(std::max<int64_t>(map[j], 0), R - 1);
     const float* c = cbase + j * p.cs_p;
     const float* s = sbase + j * p.cs_p;
@@ -183,11 +210,10 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
       s = cs_row.data() + W;
     }
     position_logits(c, s, coef + r * nq * 2 * W, nq, W, lrow.data());
-    for (int64_t i = 0; i < nq; ++i) {
-      logit[i * maxlim + j] = lrow[i];
-      if (j < lim[i]) mx[i] = std::max(mx[i], lrow[i]);
-    }
+    for (int64_t i = 0; i < nq; ++i) logit[i * maxlim + j] = lrow[i];
   }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < lim[i]; ++j) mx[i] = std::max(mx[i], logit[i * maxlim + j]);
   std::fill(wsum, wsum + 2 * nq * R, 0.f);
   for (int64_t i = 0; i < nq; ++i) {
     float sum = 0.f;
@@ -208,12 +234,14 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
     bool any = false;
     for (int64_t i = 0; i < nq; ++i) any |= touched[i * R + r] != 0.f;
     if (!any) continue;
-    load_row(v.row(b, g, r), v.s3, D, kb);
-    for (int64_t i = 0; i < nq; ++i)
-      if (touched[i * R + r] != 0.f) axpy(wsum[i * R + r], kb, D, acc + i * D);
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      load_row(v.row(b, g0 + gi, r), v.s3, D, kb);
+      for (int64_t i = gi * nqh; i < (gi + 1) * nqh; ++i)
+        if (touched[i * R + r] != 0.f) axpy(wsum[i * R + r], kb, D, acc + i * D);
+    }
   }
   for (int64_t i = 0; i < nq; ++i) {
-    const int64_t f = q0 + i, hh = g * p.group + f / p.Tq, t = f % p.Tq;
+    const int64_t f = q0 + i % nqh, hh = (g0 + i / nqh) * p.group + f / p.Tq, t = f % p.Tq;
     T* o = out + ((b * p.Hq + hh) * p.Tq + t) * D;
     const float inv = lim[i] > 0 ? 1.f / den[i] : 0.f;
     for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(lim[i] > 0 ? acc[i * D + d] * inv : 0.f);
@@ -226,13 +254,16 @@ void run_decode(const DecodeProblem& p, const at::Tensor& q, const at::Tensor& k
   T* o = out.data_ptr<T>();
   const int64_t per_head = p.group * p.Tq;
   const int64_t blocks = (per_head + kBlockQ - 1) / kBlockQ;
-  const int64_t items = p.B * p.Hkv * blocks;
+  // kv heads per item: several when each has few queries (MHA decode), one otherwise
+  const int64_t heads = blocks == 1 ? std::max<int64_t>(1, std::min<int64_t>(p.Hkv, kQueriesItem / per_head)) : 1;
+  const int64_t head_blocks = (p.Hkv + heads - 1) / heads;
+  const int64_t items = p.B * head_blocks * blocks;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;
+    thread_local std::vector<float> scratch;  // reused across calls (no page faults per step)
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t blk = it % blocks, g = (it / blocks) % p.Hkv, b = it / (blocks * p.Hkv);
-      const int64_t q0 = blk * kBlockQ;
-      decode_item<T>(p, qv, kv, vv, o, b, g, q0, std::min(kBlockQ, per_head - q0), scratch);
+      const int64_t blk = it % blocks, hb = (it / blocks) % head_blocks, b = it / (blocks * head_blocks);
+      const int64_t q0 = blk * kBlockQ, g0 = hb * heads;
+      decode_item<T>(p, qv, kv, vv, o, b, g0, std::min(heads, p.Hkv - g0), q0, std::min(kBlockQ, per_head - q0), scratch);
     }
   });
 }

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-BASELINES = ("official-eager", "fast-path")
-IMPL_ORDER = ("official-eager", "fast-path", "reference", "native", "triton")
+BASELINES = ("official-eager", "fast-path", "full-cache-sdpa")
+IMPL_ORDER = ("official-eager", "fast-path", "full-cache-sdpa", "reference", "native", "triton")
 
 
 # --------------------------------------------------------------------------------------------
