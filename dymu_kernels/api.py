@@ -393,10 +393,16 @@ def vtu_decode_attention(
             raise ValueError(f"{name}.shape[0] must be the batch size {bsz}, got shape {tuple(t.shape)}")
     check.same_device(device, k_rows=k_rows, v_rows=v_rows, cos=cos, sin=sin, pos_map=pos_map, q_positions=q_positions)
     full_lengths = check.lengths("full_lengths", full_lengths, bsz, num_pos, device, validate)
-    check.index_range("q_positions", q_positions, 0, cos.shape[-2], validate)
     if check.values_checkable(pos_map, validate):
+        # one min/max per tensor (this runs every decode step of every layer); the detailed
+        # message comes from check.index_range only when something is out of range
         exists = torch.arange(num_pos, device=device) < full_lengths[:, None]
-        check.index_range("pos_map", pos_map, 0, num_rows, validate, mask=exists)
+        lo, hi = torch.where(exists, pos_map, 0).aminmax()
+        if lo < 0 or hi >= num_rows:
+            check.index_range("pos_map", pos_map, 0, num_rows, validate, mask=exists)
+        lo, hi = q_positions.aminmax() if q_positions.numel() else (0, 0)
+        if lo < 0 or hi >= cos.shape[-2]:
+            check.index_range("q_positions", q_positions, 0, cos.shape[-2], validate)
     if cos.dim() == 2:
         cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
     scale = float(dim**-0.5 if scale is None else scale)

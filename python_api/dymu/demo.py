@@ -114,6 +114,26 @@ class ResearchVLM:
         return out.logits[0, last].float(), self._hidden[-1][0, last].float()
 
 
+def _decode_rates(vlm: "ResearchVLM", image, tokens: int = 16) -> Dict[str, float]:
+    """Decode tokens/s of ``dymu.generate`` after the VTU prefill: merged cache vs full cache,
+    plus both caches' bytes (prefill included in neither rate: it is timed separately)."""
+    from .merged_cache import full_cache_nbytes
+    from .vtu_inputs import VTUImage, build_vtu_inputs
+    from .vtu_llm import generate, vtu_forward
+
+    batch = build_vtu_inputs([[vlm.before, VTUImage(vlm.project(image.tokens), image.pos_map), vlm.after]])
+    args = (vlm.llm, batch.inputs_embeds, batch.pos_map)
+    kw = dict(full_lengths=batch.full_lengths)
+    rates = {"tokens": tokens}
+    for kind in ("full", "merged"):
+        prefill = _best_time(lambda: generate(*args, 1, cache=kind, **kw), repeats=1)
+        total = _best_time(lambda: generate(*args, tokens + 1, cache=kind, **kw), repeats=1)
+        rates[kind] = tokens / max(total - prefill, 1e-9)
+    rates["merged_bytes"] = vtu_forward(*args, use_cache=True, **kw).past_key_values.nbytes()
+    rates["full_bytes"] = full_cache_nbytes(vtu_forward(*args, use_cache=True, cache="full", **kw).past_key_values)
+    return rates
+
+
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     p = torch.log_softmax(p_logits.double(), -1)
     q = torch.log_softmax(q_logits.double(), -1)
@@ -249,7 +269,11 @@ def run(
                for b in _progress([b for b in backends if implements(b, "vtu_attention")], "timing LLM prefill")}
         say(f"| LLM prefill, 1 photo ({num_patches} vs {image.tokens.shape[0]} image tokens) | {llm_full * 1e3:.0f} ms | "
             + " | ".join(f"{llm[b] * 1e3:.0f} ms" if b in llm else "n/a" for b in backends) + " |")
-        timings = {"encoder_full": enc_full, "encoder": enc, "llm_full": llm_full, "llm": llm}
+        decode = _decode_rates(vlm, image)
+        say(f"| decode, 1 photo, {decode['tokens']} greedy tokens (merged cache {decode['merged_bytes'] / 2**20:.2f} MiB vs "
+            f"full {decode['full_bytes'] / 2**20:.2f} MiB) | {decode['full']:.1f} tok/s (full cache) | "
+            + " | ".join(f"{decode['merged']:.1f} tok/s (merged cache)" if i == 0 else "" for i, _ in enumerate(backends)) + " |")
+        timings = {"encoder_full": enc_full, "encoder": enc, "llm_full": llm_full, "llm": llm, "decode": decode}
 
     report = os.path.join(out_dir, "demo_report.md")
     with open(report, "w") as f:
