@@ -280,3 +280,19 @@ def test_tables_with_unequal_halves(backend):
     device = device_for(backend)
     out = dk.vtu_decode_attention(*to(device, q, k_rows, v_rows, cos, sin, pos_map, q_positions), backend=backend)
     torch.testing.assert_close(out.cpu().double(), oracle, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_tensor_mode_gives_real_shapes(backend):
+    """Under FakeTensorMode (which fails on any host read of device data) every backend returns
+    the real op's shape and dtype: no host sync inside the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.randn(2, 4, 1, 16, dtype=torch.bfloat16)
+        k = torch.randn(2, 2, 5, 16, dtype=torch.bfloat16)
+        cos = torch.randn(20, 16)
+        pos_map = torch.zeros(2, 12, dtype=torch.int32)
+        q_positions = torch.zeros(2, 1, dtype=torch.int64)
+        out = dk.vtu_decode_attention(q, k, k, cos, cos, pos_map, q_positions, full_lengths=torch.zeros(2, dtype=torch.int32), backend=backend)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
