@@ -106,9 +106,20 @@ class MergedCache(Cache):
             raise RuntimeError("MergedCache.attend: call begin_token first")
         self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k.to(self.keys[layer_idx].dtype)], dim=2)
         self.values[layer_idx] = torch.cat([self.values[layer_idx], v.to(self.values[layer_idx].dtype)], dim=2)
-        return dk.vtu_decode_attention(
-            q, self.keys[layer_idx], self.values[layer_idx], self.cos, self.sin, self.pos_map, self._q_positions,
-            full_lengths=self.full_lengths, scale=scale, backend=backend, validate=validate,
+        if validate:
+            return dk.vtu_decode_attention(
+                q, self.keys[layer_idx], self.values[layer_idx], self.cos, self.sin, self.pos_map, self._q_positions,
+                full_lengths=self.full_lengths, scale=scale, backend=backend, validate=validate,
+            )  # fmt: skip
+        # The cache keeps the op's normalised layout itself (int32 map and lengths, fp32 [B, P, D]
+        # tables, slots in range by construction; the prompt's map was validated by the prefill),
+        # so per-layer decode calls skip the wrapper's value checks: about 10 small tensor ops per
+        # layer and step, more than the attention itself for small models on a CPU.
+        from dymu_kernels.api import _run
+
+        return _run(
+            "vtu_decode_attention", q.device, backend, q, self.keys[layer_idx], self.values[layer_idx],
+            self.cos, self.sin, self.pos_map, self._q_positions, self.full_lengths, float(scale),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ HF Cache interface
