@@ -112,6 +112,35 @@ void all_logits(const int32_t* __restrict map, int64_t n, int64_t R, const float
   }
 }
 
+// GQA path: per position, rotate its key row (fp32 rows kf [ng][R][D]) at the position once and
+// dot it with the nqh queries of that kv head.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=haswell", "default")))
+#endif
+void rotated_logits(const int32_t* __restrict map, int64_t n, int64_t R, const float* __restrict cbase,
+                    const float* __restrict sbase, int64_t cs_p, const float* __restrict kf, int64_t ng, int64_t nqh,
+                    int64_t D, const float* __restrict qr, float* __restrict kr, float* __restrict logit, int64_t ld) {
+  const int64_t h = D / 2;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t r = std::min<int64_t>(std::max<int64_t>(map[j], 0), R - 1);
+    const float* c = cbase + j * cs_p;
+    const float* s = sbase + j * cs_p;
+    for (int64_t gi = 0; gi < ng; ++gi) {
+      const float* krow = kf + (gi * R + r) * D;
+      for (int64_t d = 0; d < h; ++d) {
+        kr[d] = krow[d] * c[d] - krow[d + h] * s[d];
+        kr[d + h] = krow[d + h] * c[d + h] + krow[d] * s[d + h];
+      }
+      for (int64_t i = gi * nqh; i < (gi + 1) * nqh; ++i) {
+        const float* a = qr + i * D;
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += a[d] * kr[d];
+        logit[i * ld + j] = acc;
+      }
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=haswell", "default")))
 #endif
@@ -134,7 +163,10 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
     lim[i] = std::max<int64_t>(0, std::min<int64_t>(len, pt + 1));
     maxlim = std::max(maxlim, lim[i]);
   }
-  const int64_t coef_size = R * nq * 2 * W;
+  // GQA (many queries per kv head): rotate each position's key once and dot it with the head's
+  // queries, from an fp32 copy of the rows; otherwise per-row RoPE coefficients (see the top).
+  const bool rotate_keys = nqh >= 4 && p.cs_d == 1;
+  const int64_t coef_size = rotate_keys ? ng * R * D : R * nq * 2 * W;
   scratch.resize(static_cast<size_t>(nq * D + D + coef_size + nq * std::max<int64_t>(maxlim, 1) + 2 * nq * R + nq * D + 3 * nq));
   float* qr = scratch.data();           // [nq][D] rotated, scaled queries
   float* kb = qr + nq * D;              // [D] one K/V row in fp32
@@ -170,8 +202,15 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
     }
     return;
   }
+  std::vector<float> lrow(nq);
+  for (int64_t i = 0; i < nq; ++i) mx[i] = kNegInf;
+  if (rotate_keys) {
+    for (int64_t gi = 0; gi < ng; ++gi)
+      for (int64_t r = 0; r < R; ++r) load_row(k.row(b, g0 + gi, r), k.s3, D, coef + (gi * R + r) * D);
+    rotated_logits(map, maxlim, R, cbase, sbase, p.cs_p, coef, ng, nqh, D, qr, kb, logit, maxlim);
+  }
   // 2. coefficients of every row (rows are read once per item)
-  for (int64_t r = 0; r < R; ++r)
+  for (int64_t r = 0; r < R && !rotate_keys; ++r)
    for (int64_t gi = 0; gi < ng; ++gi) {
     load_row(k.row(b, g0 + gi, r), k.s3, D, kb);
     for (int64_t i = gi * nqh; i < (gi + 1) * nqh; ++i) {
@@ -193,10 +232,8 @@ void decode_item(const DecodeProblem& p, const Strided4<T>& q, const Strided4<T>
   }
   // 3. logits, max, weights per row
   std::vector<float> cs_row(2 * W);
-  std::vector<float> lrow(nq);
-  for (int64_t i = 0; i < nq; ++i) mx[i] = kNegInf;
   const bool unit = p.cs_d == 1;
-  if (unit) all_logits(map, maxlim, R, cbase, sbase, p.cs_p, coef, nq, W, logit, maxlim);
+  if (unit && !rotate_keys) all_logits(map, maxlim, R, cbase, sbase, p.cs_p, coef, nq, W, logit, maxlim);
   for (int64_t j = 0; j < maxlim && !unit; ++j) {
     const int64_t r = std::min<int64_t>(std::max<int64_t>(map[j], 0), R - 1);
     const float* c = cbase + j * p.cs_p;
