@@ -15,6 +15,11 @@
 //          C_i = q_i k_i + q_{i+h} k_{i+h},   S_i = q_{i+h} k_i - q_i k_{i+h};
 //      otherwise over all D (C_d = q_d k_d, S = q . rotate_half(k) term by term).
 //      The logit of a position costs D multiply-adds: the key is never rotated or rebuilt.
+//      With >= 4 queries per kv head (GQA, or several query positions) the tables would be
+//      rows x queries x D floats and outgrow the caches; there each position's key is rotated
+//      once in a scratch row (from an fp32 copy of the K rows) and dotted with all its queries.
+//      Small-query items pack several kv heads (up to 8 queries) so one read of a position's
+//      cos/sin row serves them all.
 //   3. logits of the visible positions, their max, then the softmax weights summed per row.
 //   4. out = sum over the rows a visible position maps to of weight(r) * V[r] / sum: every V
 //      row is read once per block, not once per position.
@@ -26,7 +31,9 @@
 // keys propagates as in the reference. Map entries at existing positions are clamped into
 // [0, R) (the Python layer validates them). Deterministic: each item is a fixed sequential loop.
 //
-// Limitations: CPU only, inference only; scratch per item R * queries * D floats (coefficients).
+// Limitations: CPU only, inference only; scratch per item R * queries * D floats (coefficients)
+// or R * D per kv head (GQA path), plus queries * P logits; no intrinsics (GCC target_clones
+// gives the hot loops an AVX2/FMA version picked at load time on x86-64).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>

@@ -3,7 +3,8 @@
 The kernel (csrc/vtu_decode_cpu.cpp) works per (batch, kv head, block of queries): every merged
 K row is read once per block and turned into RoPE coefficient vectors, so the logit of a cached
 position costs one D-long multiply-add against its cos/sin row; softmax weights are summed per
-row, and every V row is read once per block. No full-length K/V buffer is built.
+row, and every V row is read once per block. With >= 4 queries per kv head (GQA) it instead
+rotates each position's key once and dots it with all of them. No full-length K/V buffer is built.
 
 Limitations: CPU tensors only (no CUDA kernel); cos/sin are converted to fp32 here (a no-op for
 the fp32 tables models produce); inference only.
