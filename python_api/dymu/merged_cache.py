@@ -16,7 +16,7 @@ full_lengths[b] of their sequence (overwriting its padding), so slot index = cau
 
 It subclasses ``transformers.Cache`` so it can travel where a cache is expected, but the stock
 attention layers cannot use it (they want rotated keys): ``update`` raises. Decode with
-``dymu.generate`` (``cache="merged"``, the default), or call :func:`decode_step`.
+``dymu.generate`` (``cache="merged"``, the default), or call ``dymu.decode_step``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class MergedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise NotImplementedError(
             "MergedCache holds unrotated merged rows read through a map; HF's stock attention cannot "
-            "decode from it. Use dymu.generate(..., cache='merged') or dymu.merged_cache.decode_step, "
+            "decode from it. Use dymu.generate(..., cache='merged') or dymu.decode_step, "
             "or dymu.vtu_forward(..., cache='full') for a standard DynamicCache."
         )
 
