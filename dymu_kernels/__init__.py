@@ -7,6 +7,7 @@
     res = dk.dtome_merge(x, metric, size, lengths, tau, pos_map=pos_map, protect_first=True)
     tau = dk.batch_threshold(node_max, r)
     out = dk.vtu_attention(q, k, v, cos, sin, pos_map, full_lengths=full_lengths)
+    out = dk.vtu_decode_attention(q, k_rows, v_rows, cos, sin, pos_map, q_positions)
 
 Every op takes ``backend=None | "reference" | "native" | "triton"``; ``dk.backend_info()`` (or
 ``python -m dymu_kernels``) says which are available and why not.
@@ -21,6 +22,7 @@ from .api import (
     scatter_merge,
     select_edges,
     vtu_attention,
+    vtu_decode_attention,
 )
 from .dtome.reference import DToMeResult
 
@@ -38,4 +40,5 @@ __all__ = [
     "scatter_merge",
     "select_edges",
     "vtu_attention",
+    "vtu_decode_attention",
 ]

@@ -26,6 +26,7 @@ FAMILIES = {
     "dtome_merge": "dtome",
     "batch_threshold": "dtome",
     "vtu_attention": "vtu",
+    "vtu_decode_attention": "vtu_decode",
 }
 
 

@@ -377,3 +377,102 @@ def vtu_attention(
     return _run(
         "vtu_attention", device, backend, q, k, v, cos, sin, pos_map.to(torch.int32), full_lengths, causal, scale
     )
+
+
+def vtu_decode_attention(
+    q: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos_map: torch.Tensor,
+    q_positions: torch.Tensor,
+    *,
+    full_lengths: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """Causal RoPE attention of queries over a merged KV cache (decode; issue 11).
+
+    The cache holds R unrotated K/V rows and the row of every cached full position; the key
+    of position j is rope(k_rows[pos_map[j]], j), rotated when it is read:
+
+        out[b, h, t] = sum_j softmax_j(rope(q[b, h, t], p_t) . rope(k_rows[b, g, pos_map[b, j]], j) * scale)
+                       * v_rows[b, g, pos_map[b, j]]
+
+    over the existing positions j <= p_t = q_positions[b, t], j < full_lengths[b]; g = h // (Hq / Hkv).
+    No re-merge. With the identity map this is ordinary causal RoPE attention over a standard
+    cache; ``vtu_attention`` without its final mean is the case Tq = P, q_positions = 0..P-1.
+
+    Args:
+        q: [B, Hq, Tq, D] unrotated queries, fp16/bf16/fp32; D even, <= 128.
+        k_rows, v_rows: [B, Hkv, R, D] unrotated key/value rows in q.dtype; Hq % Hkv == 0.
+        cos, sin: [B, P', D] or [P', D] (HF layout: row i = position i), P' > every position used.
+        pos_map: [B, P] int32/int64: the row in [0, R) of every cached position (ignored, may be
+            -1, at positions >= full_lengths[b]).
+        q_positions: [B, Tq] int32/int64 in [0, P'): the position of each query.
+        full_lengths: [B] int in [0, P] (default P): positions >= full_lengths[b] do not exist.
+        scale: softmax scale (default D ** -0.5).
+
+    Returns:
+        out [B, Hq, Tq, D] in q.dtype; a query that sees no key gets 0. Values at hidden
+        positions (K/V rows, map entries, cos/sin rows), even NaN/inf, never reach an output;
+        non-finite values at visible keys propagate.
+    """
+    check.tensor("q", q, 4, check.FLOAT_DTYPES, "[B, Hq, Tq, D]")
+    check.tensor("k_rows", k_rows, 4, check.FLOAT_DTYPES, "[B, Hkv, R, D]")
+    check.tensor("v_rows", v_rows, 4, check.FLOAT_DTYPES, "[B, Hkv, R, D]")
+    if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
+        raise TypeError(f"q, k_rows and v_rows must share one dtype, got {q.dtype}, {k_rows.dtype}, {v_rows.dtype}")
+    bsz, hq, tq, dim = q.shape
+    if tuple(k_rows.shape) != tuple(v_rows.shape):
+        raise ValueError(f"k_rows and v_rows must have the same shape, got {tuple(k_rows.shape)} and {tuple(v_rows.shape)}")
+    hkv, num_rows = k_rows.shape[1], k_rows.shape[2]
+    if k_rows.shape[0] != bsz or k_rows.shape[3] != dim:
+        raise ValueError(f"k_rows/v_rows must be [B, Hkv, R, D] with B, D = {bsz}, {dim} like q, got {tuple(k_rows.shape)}")
+    if num_rows < 1 or hkv < 1 or hq < 1:
+        raise ValueError(f"need at least one row and one head, got q {tuple(q.shape)}, k_rows {tuple(k_rows.shape)}")
+    if hq % hkv != 0:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) for grouped-query attention")
+    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+    device = q.device
+    check.tensor("pos_map", pos_map, 2, check.INDEX_DTYPES, "[B, P] int")
+    if pos_map.shape[0] != bsz or pos_map.shape[1] < 1:
+        raise ValueError(f"pos_map must be [B, P] with B = {bsz} and P >= 1, got {tuple(pos_map.shape)}")
+    num_pos = pos_map.shape[1]
+    check.tensor("q_positions", q_positions, 2, check.INDEX_DTYPES, "[B, Tq] int")
+    if tuple(q_positions.shape) != (bsz, tq):
+        raise ValueError(f"q_positions must be [B, Tq] = {(bsz, tq)} like q, got {tuple(q_positions.shape)}")
+    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+        raise TypeError("cos and sin must be tensors ([B, P', D] or [P', D])")
+    if tuple(cos.shape) != tuple(sin.shape):
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check.tensor(name, t, t.dim() if t.dim() in (2, 3) else 3, check.FLOAT_DTYPES, "[B, P', D] or [P', D]")
+        if t.shape[-1] != dim:
+            raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
+        if t.shape[-2] < num_pos:
+            raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's P = {num_pos} positions")
+        if t.dim() == 3 and t.shape[0] != bsz:
+            raise ValueError(f"{name}.shape[0] must be the batch size {bsz}, got shape {tuple(t.shape)}")
+    check.same_device(device, k_rows=k_rows, v_rows=v_rows, cos=cos, sin=sin, pos_map=pos_map, q_positions=q_positions)
+    full_lengths = check.lengths("full_lengths", full_lengths, bsz, num_pos, device, validate)
+    if check.values_checkable(pos_map, validate):
+        # one min/max per tensor (this runs every decode step of every layer); the detailed
+        # message comes from check.index_range only when something is out of range
+        exists = torch.arange(num_pos, device=device) < full_lengths[:, None]
+        lo, hi = torch.where(exists, pos_map, 0).aminmax()
+        if lo < 0 or hi >= num_rows:
+            check.index_range("pos_map", pos_map, 0, num_rows, validate, mask=exists)
+        lo, hi = q_positions.aminmax() if q_positions.numel() else (0, 0)
+        if lo < 0 or hi >= cos.shape[-2]:
+            check.index_range("q_positions", q_positions, 0, cos.shape[-2], validate)
+    if cos.dim() == 2:
+        cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
+    scale = float(dim**-0.5 if scale is None else scale)
+    return _run(
+        "vtu_decode_attention", device, backend, q, k_rows, v_rows, cos, sin,
+        pos_map.to(torch.int32), q_positions.to(torch.int32), full_lengths, scale,
+    )  # fmt: skip

@@ -271,7 +271,7 @@ def test_batch_equals_each_sequence_alone(model):
 
 def test_cache_identity_map_equals_stock(model):
     x = torch.randn(2, 9, 64)
-    out = dymu.vtu_forward(model, x, torch.arange(9).expand(2, 9), use_cache=True)
+    out = dymu.vtu_forward(model, x, torch.arange(9).expand(2, 9), use_cache=True, cache="full")
     with torch.no_grad():
         ref = model(inputs_embeds=x, use_cache=True)
     ref_cache = stock_cache(ref)
@@ -288,7 +288,7 @@ def test_cache_merged_map_layer0_equals_stock_on_expansion(model):
     nu, nf = 6, 15
     pos_map = random_map(nf, nu, 5)[None]
     x = torch.randn(1, nu, 64)
-    out = dymu.vtu_forward(model, x, pos_map, use_cache=True)
+    out = dymu.vtu_forward(model, x, pos_map, use_cache=True, cache="full")
     with torch.no_grad():
         ref = model(inputs_embeds=expand(x, pos_map), use_cache=True)
     ref_cache = stock_cache(ref)

@@ -150,6 +150,31 @@ class VLMPrompts:
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def _decode_rates(llm, prompts: "VLMPrompts", image, tokens: int = 16) -> Dict[str, float]:
+    """Decode tokens/s of ``dymu.generate`` after the VTU prefill on the research VLM's LLM:
+    merged cache vs full cache, plus both caches' bytes (the prefill, timed separately, is in
+    neither rate). ``image`` is one ``VTUImage``-like (tokens, pos_map) from the encoder."""
+    from .merged_cache import full_cache_nbytes
+    from .vtu_inputs import VTUImage, build_vtu_inputs
+    from .vtu_llm import generate, vtu_forward
+
+    embed = llm.get_input_embeddings()
+    with torch.no_grad():
+        merged = prompts.vlm.model.multi_modal_projector(image.tokens[None].to(embed.weight.dtype))[0]
+        before, after = embed(torch.tensor(prompts.before)), embed(torch.tensor(prompts.after))
+    batch = build_vtu_inputs([[before, VTUImage(merged, image.pos_map), after]])
+    args = (llm, batch.inputs_embeds, batch.pos_map)
+    kw = dict(full_lengths=batch.full_lengths)
+    rates = {"tokens": tokens}
+    for kind in ("full", "merged"):
+        prefill = _best_time(lambda: generate(*args, 1, cache=kind, **kw), repeats=1)
+        total = _best_time(lambda: generate(*args, tokens + 1, cache=kind, **kw), repeats=1)
+        rates[kind] = tokens / max(total - prefill, 1e-9)
+    rates["merged_bytes"] = vtu_forward(*args, use_cache=True, **kw).past_key_values.nbytes()
+    rates["full_bytes"] = full_cache_nbytes(vtu_forward(*args, use_cache=True, cache="full", **kw).past_key_values)
+    return rates
+
+
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     p = torch.log_softmax(p_logits.double(), -1)
     q = torch.log_softmax(q_logits.double(), -1)
@@ -300,7 +325,14 @@ def run(
                 vlm_dymu[b] = _best_time(lambda: prompts.last(**one))
         say(f"| VLM forward (tower + prefill), 1 photo ({num_patches} vs {kept[s][0]} image tokens) | {vlm_full * 1e3:.0f} ms | "
             + " | ".join(f"{vlm_dymu[b] * 1e3:.0f} ms" if b in vlm_dymu else "n/a" for b in backends) + " |")
-        timings = {"encoder_full": enc_full, "encoder": enc, "vlm_full": vlm_full, "vlm": vlm_dymu}
+        from .vtu_inputs import images_from_encoder
+
+        image = images_from_encoder(outputs[s].last_hidden_state[:1], outputs[s].pos_map[:1], outputs[s].lengths[:1], drop_cls=True)[0]
+        decode = _decode_rates(llm, prompts, image)
+        say(f"| decode, 1 photo, {decode['tokens']} greedy tokens of `dymu.generate` (merged cache {decode['merged_bytes'] / 2**20:.2f} MiB vs "
+            f"full {decode['full_bytes'] / 2**20:.2f} MiB) | {decode['full']:.1f} tok/s (full cache) | "
+            + " | ".join(f"{decode['merged']:.1f} tok/s (merged cache)" if i == 0 else "" for i, _ in enumerate(backends)) + " |")
+        timings = {"encoder_full": enc_full, "encoder": enc, "vlm_full": vlm_full, "vlm": vlm_dymu, "decode": decode}
 
     report = os.path.join(out_dir, "demo_report.md")
     from ._atomic import write_text

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from ._atomic import atomic_write, write_text
 
-BASELINES = ("official-eager", "fast-path")
-IMPL_ORDER = ("official-eager", "fast-path", "reference", "native", "triton")
+BASELINES = ("official-eager", "fast-path", "full-cache-sdpa")
+IMPL_ORDER = ("official-eager", "fast-path", "full-cache-sdpa", "reference", "native", "triton")
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ Limitations:
 - Not thread-safe on one model object (the per-layer patch is visible to other threads), and
   it replaces ``self_attn.forward`` so hooks installed by wrapping that attribute (accelerate
   device-map offloading) are bypassed during the call; plain module hooks still run.
-- The KV cache returned with ``use_cache=True`` is HF's standard full-length cache
-  (k_j = rope(K[u(j)], p_j), v_j = V[u(j)] for every full position j), so decoding uses the
-  stock model unchanged; it does not yet store merged rows.
+- The KV cache returned with ``use_cache=True`` is by default a ``dymu.MergedCache``: the
+  merged, unrotated K/V rows of every layer plus the map (keys are rotated when decode reads
+  them, ``dymu_kernels.vtu_decode_attention``); ``dymu.generate`` decodes from it through the
+  same per-layer patch. ``cache="full"`` gives HF's standard full-length cache instead
+  (k_j = rope(K[u(j)], p_j), v_j = V[u(j)] for every full position j), decoded by the stock model.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import dymu_kernels as dk
 from dymu_kernels._validate import values_checkable
 from dymu_kernels.vtu.reference import apply_rope
 
-__all__ = ["VTUCausalLMOutput", "generate", "supported_model_classes", "vtu_forward"]
+__all__ = ["VTUCausalLMOutput", "decode_step", "generate", "supported_model_classes", "vtu_forward"]
 
 
 # ----------------------------------------------------------------------------- model checks
@@ -110,6 +112,7 @@ class _Plan:
     sin: torch.Tensor
     backend: Optional[str]
     validate: Optional[bool]
+    merged_cache: Any = None  # a MergedCache to fill with the prompt's merged rows, or None
 
 
 def _lengths_from_mask(attention_mask: torch.Tensor, bsz: int, nf: int, validate: Optional[bool]) -> torch.Tensor:
@@ -257,7 +260,9 @@ def _vtu_attention_forward(attn, plan: _Plan):
         cache = kwargs.get("cache")
         if cache is None:
             cache = kwargs.get("past_key_values")
-        if cache is not None:
+        if plan.merged_cache is not None:
+            plan.merged_cache.store_prompt(attn.layer_idx, k, v)  # unrotated merged rows
+        elif cache is not None:
             # The standard full-length cache: what the stock layer would store for the
             # expanded sequence (RoPE in the activation dtype, as HF applies it).
             nf = plan.index.shape[1]
@@ -280,15 +285,38 @@ def _vtu_attention_forward(attn, plan: _Plan):
 _MISSING = object()  # module level: torch.compile cannot trace a bare object() call
 
 
+def _decode_attention_forward(attn, plan: "_DecodePlan"):
+    """A replacement for ``attn.forward`` in a decode step from a MergedCache."""
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        bsz, tq, _ = hidden_states.shape
+        shape = (bsz, tq, -1, attn.head_dim)
+        q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hq, 1, D], unrotated
+        k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        out = plan.cache.attend(attn.layer_idx, q, k, v, attn.scaling, backend=plan.backend, validate=plan.validate)
+        return attn.o_proj(out.transpose(1, 2).reshape(bsz, tq, -1)), None
+
+    return forward
+
+
+@dataclass
+class _DecodePlan:
+    cache: Any  # MergedCache
+    backend: Optional[str]
+    validate: Optional[bool]
+
+
 @contextlib.contextmanager
-def _patched_attention(model, plan: _Plan) -> Iterator[None]:
+def _patched_attention(model, plan, factory=None) -> Iterator[None]:
     """Swap every layer's self_attn.forward for the VTU one; restored on exit, errors included."""
+    factory = _vtu_attention_forward if factory is None else factory
     saved: List[Tuple[torch.nn.Module, Any]] = []
     try:
         for layer in model.model.layers:
             attn = layer.self_attn
             saved.append((attn, attn.__dict__.get("forward", _MISSING)))
-            attn.forward = _vtu_attention_forward(attn, plan)
+            attn.forward = factory(attn, plan)
         yield
     finally:
         for attn, previous in reversed(saved):
@@ -307,9 +335,11 @@ class VTUCausalLMOutput:
 
     logits: [B, Nu, V] over the merged rows (rows no valid position maps to are 0), or
         [B, 1, V] (the row of each sequence's last full position) with ``last_only=True``.
-    past_key_values: with use_cache=True a ``transformers.DynamicCache`` holding the full-length
-        rotated K/V of every layer ([B, Hkv, Nf, D]; positions >= full_lengths[b] are zero),
-        else None. ``cache`` is the same object under transformers 5.2x's name.
+    past_key_values: with use_cache=True a ``dymu.MergedCache`` (default, ``cache="merged"``:
+        the merged unrotated K/V rows [B, Hkv, Nu, D] of every layer plus the map) or, with
+        ``cache="full"``, a ``transformers.DynamicCache`` holding the full-length rotated K/V of
+        every layer ([B, Hkv, Nf, D]; positions >= full_lengths[b] are zero); None without
+        use_cache. ``cache`` is the same object under transformers 5.2x's name.
     """
 
     logits: torch.Tensor
@@ -329,13 +359,26 @@ def _last_rows(plan: _Plan) -> torch.Tensor:
     return plan.index.gather(1, last[:, None])[:, 0]
 
 
-def _run(model, inputs_embeds, plan: _Plan, use_cache: bool, last_only: bool) -> VTUCausalLMOutput:
+def _cache_kind(cache: str) -> str:
+    if cache not in ("merged", "full"):
+        raise ValueError(f"cache must be 'merged' (merged rows + map) or 'full' (HF's full-length cache), got {cache!r}")
+    return cache
+
+
+def _run(model, inputs_embeds, plan: _Plan, use_cache: bool, last_only: bool, cache_kind: str = "merged") -> VTUCausalLMOutput:
     from transformers import DynamicCache
 
+    from .merged_cache import MergedCache
+
     base = model.model
-    kwargs = {"inputs_embeds": inputs_embeds, "use_cache": bool(use_cache)}
-    cache = DynamicCache(config=model.config) if use_cache else None
-    if cache is not None:
+    kwargs = {"inputs_embeds": inputs_embeds, "use_cache": bool(use_cache) and cache_kind == "full"}
+    cache = None
+    if use_cache and cache_kind == "merged":
+        cache = MergedCache()
+        cache.set_prompt(plan.pos_map, plan.full_lengths, plan.cos, plan.sin)
+        plan.merged_cache = cache
+    elif use_cache:
+        cache = DynamicCache(config=model.config)
         kwargs[_cache_kwarg(base.forward)] = cache
     with torch.no_grad(), _patched_attention(model, plan):
         hidden = base(**kwargs).last_hidden_state  # [B, Nu, H]
@@ -362,6 +405,7 @@ def vtu_forward(
     attention_mask: Optional[torch.Tensor] = None,
     use_cache: bool = False,
     last_only: bool = False,
+    cache: str = "merged",
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> VTUCausalLMOutput:
@@ -385,7 +429,9 @@ def vtu_forward(
             every full position, fed to the model's own rotary embedding (RoPE scaling
             variants therefore work). The causal mask is on the index, not on these values.
         attention_mask: [B, Nf] 0/1 right-padding mask, an alternative to full_lengths.
-        use_cache: also return a ``DynamicCache`` of the full-length rotated K/V.
+        use_cache: also return a KV cache of the prompt (see ``cache``).
+        cache: ``"merged"`` (default): a ``dymu.MergedCache`` of the merged, unrotated K/V rows
+            plus the map; ``"full"``: HF's ``DynamicCache`` of the full-length rotated K/V.
         last_only: return logits only for the merged row holding each sequence's last full
             position ([B, 1, V]; what generation needs).
         backend, validate: passed to ``dymu_kernels.vtu_attention``; ``validate`` also enables
@@ -398,8 +444,26 @@ def vtu_forward(
         TypeError/ValueError before any work for an unsupported model, mismatched batch
         sizes, wrong shapes, or a map that leaves a merged row uncovered or points out of range.
     """
+    kind = _cache_kind(cache)
     plan = _plan(model, inputs_embeds, pos_map, full_lengths, position_ids, attention_mask, backend, validate)
-    return _run(model, inputs_embeds, plan, use_cache, last_only)
+    return _run(model, inputs_embeds, plan, use_cache, last_only, kind)
+
+
+def decode_step(model, cache, token: torch.Tensor, position: torch.Tensor, *, backend=None, validate=None) -> torch.Tensor:
+    """One decode step from a ``dymu.MergedCache``: next-token logits [B, V].
+
+    token: [B] int64 the tokens just generated; position: [B] int64 their RoPE position ids.
+    Each layer appends the token's unrotated K/V as one new row and one new position (slot
+    full_lengths[b]) and attends through ``dymu_kernels.vtu_decode_attention``.
+    """
+    base = model.model
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(token[:, None])  # [B, 1, H]
+        cos, sin = base.rotary_emb(embeds.new_empty(0, dtype=torch.float32), position[:, None])
+        cache.begin_token(cos[:, 0], sin[:, 0])
+        with _patched_attention(model, _DecodePlan(cache, backend, validate), _decode_attention_forward):
+            hidden = base(inputs_embeds=embeds, position_ids=position[:, None], use_cache=False).last_hidden_state
+        return model.lm_head(hidden[:, -1])
 
 
 def _next_token(
@@ -434,18 +498,22 @@ def generate(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    cache: str = "merged",
+    return_logits: bool = False,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
-) -> torch.Tensor:
+):
     """Generate tokens after a VTU prefill (inference only: runs under ``torch.no_grad()``, no
     gradient reaches the model).
 
     The prompt (merged rows + map, as for ``vtu_forward``) is prefilled with VTU attention,
-    which also fills a standard full-length KV cache; the first token comes from the logits of
-    the merged row holding each sequence's last full position; then the stock model decodes
-    from that cache, one token per step, at RoPE positions position_ids[b, L_b - 1] + 1, + 2,
-    ... (L_b = full_lengths[b]; with default position_ids: L_b, L_b + 1, ...). Right-padded
-    sequences decode batched: their padded cache slots are masked out.
+    which also fills the KV cache; the first token comes from the logits of the merged row
+    holding each sequence's last full position; then one token per step at RoPE positions
+    position_ids[b, L_b - 1] + 1, + 2, ... (L_b = full_lengths[b]; with default position_ids:
+    L_b, L_b + 1, ...). With ``cache="merged"`` (default) the cache is a ``dymu.MergedCache``
+    (merged unrotated rows + map; each decoded token one new row and position) and every layer
+    decodes through ``dymu_kernels.vtu_decode_attention``; with ``cache="full"`` it is HF's
+    full-length cache and the stock model decodes (padded slots masked out).
 
     Args:
         max_new_tokens: number of tokens to generate (>= 1).
@@ -455,11 +523,15 @@ def generate(
         eos_token_id: a sequence that emits it is finished; later steps emit ``pad_token_id``
             (default eos_token_id) for it, and generation stops early once every sequence is
             finished (that check reads one flag from the device per step).
+        cache: ``"merged"`` or ``"full"`` (see above).
+        return_logits: also return the next-token logits of every step.
         position_ids, backend, validate: as in ``vtu_forward``.
 
     Returns:
-        [B, T] int64 generated token ids (T <= max_new_tokens; prompt not included).
+        [B, T] int64 generated token ids (T <= max_new_tokens; prompt not included); with
+        ``return_logits`` a tuple (tokens, logits [B, T, V]: the logits each token was chosen from).
     """
+    kind = _cache_kind(cache)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if do_sample and not temperature > 0:
@@ -472,7 +544,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = eos_token_id
 
-    prefill = _run(model, inputs_embeds, plan, use_cache=True, last_only=True)
+    prefill = _run(model, inputs_embeds, plan, use_cache=True, last_only=True, cache_kind=kind)
     cache, logits = prefill.past_key_values, prefill.logits[:, -1]
     bsz, nf = plan.index.shape
     last = (plan.full_lengths.long() - 1).clamp_min(0)[:, None]
@@ -481,6 +553,7 @@ def generate(
     cache_kw = _cache_kwarg(model.forward)
     finished = torch.zeros(bsz, dtype=torch.bool, device=logits.device)
     tokens: List[torch.Tensor] = []
+    step_logits: List[torch.Tensor] = []
     with torch.no_grad():
         for step in range(max_new_tokens):
             token = _next_token(logits, do_sample, temperature, top_k, generator)
@@ -488,8 +561,13 @@ def generate(
                 token = torch.where(finished, torch.full_like(token, pad_token_id), token)
                 finished = finished | (token == eos_token_id)
             tokens.append(token)
+            if return_logits:
+                step_logits.append(logits)
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
+            if kind == "merged":
+                logits = decode_step(model, cache, token, next_position + step, backend=backend, validate=validate)
+                continue
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
             out = model(
@@ -500,4 +578,6 @@ def generate(
                 **{cache_kw: cache},
             )
             logits = out.logits[:, -1]
+    if return_logits:
+        return torch.stack(tokens, dim=1), torch.stack(step_logits, dim=1)
     return torch.stack(tokens, dim=1)
