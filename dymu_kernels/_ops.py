@@ -74,6 +74,10 @@ def _fake_vtu(q, k, v, cos, sin, pos_map, full_lengths, causal, scale):
     return q.new_empty(q.shape)
 
 
+def _fake_decode(q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths, scale):
+    return q.new_empty(q.shape)
+
+
 # ----------------------------------------------------------------------------- pack / unpack
 
 
@@ -117,6 +121,11 @@ SPECS: Dict[str, OpSpec] = {
         "vtu_attention(str backend, Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos_map, "
         "Tensor full_lengths, bool causal, float scale) -> Tensor",
         fake=_fake_vtu,
+    ),
+    "vtu_decode_attention": OpSpec(
+        "vtu_decode_attention(str backend, Tensor q, Tensor k_rows, Tensor v_rows, Tensor cos, Tensor sin, "
+        "Tensor pos_map, Tensor q_positions, Tensor full_lengths, float scale) -> Tensor",
+        fake=_fake_decode,
     ),
 }
 

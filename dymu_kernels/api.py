@@ -423,6 +423,9 @@ def vtu_decode_attention(
     check.tensor("q", q, 4, check.FLOAT_DTYPES, "[B, Hq, Tq, D]")
     check.tensor("k_rows", k_rows, 4, check.FLOAT_DTYPES, "[B, Hkv, R, D]")
     check.tensor("v_rows", v_rows, 4, check.FLOAT_DTYPES, "[B, Hkv, R, D]")
+    if scale is not None:
+        scale = check.positive_finite("scale", scale, "the softmax scale")
+    check.warn_if_grad("vtu_decode_attention", q, k_rows, v_rows, cos, sin)
     if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
         raise TypeError(f"q, k_rows and v_rows must share one dtype, got {q.dtype}, {k_rows.dtype}, {v_rows.dtype}")
     bsz, hq, tq, dim = q.shape
@@ -455,8 +458,8 @@ def vtu_decode_attention(
             raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
         if t.shape[-2] < num_pos:
             raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's P = {num_pos} positions")
-        if t.dim() == 3 and t.shape[0] != bsz:
-            raise ValueError(f"{name}.shape[0] must be the batch size {bsz}, got shape {tuple(t.shape)}")
+        if t.dim() == 3 and t.shape[0] not in (1, bsz):
+            raise ValueError(f"{name}.shape[0] must be the batch size {bsz} or 1, got shape {tuple(t.shape)}")
     check.same_device(device, k_rows=k_rows, v_rows=v_rows, cos=cos, sin=sin, pos_map=pos_map, q_positions=q_positions)
     full_lengths = check.lengths("full_lengths", full_lengths, bsz, num_pos, device, validate)
     if check.values_checkable(pos_map, validate):
@@ -470,8 +473,10 @@ def vtu_decode_attention(
         if lo < 0 or hi >= cos.shape[-2]:
             check.index_range("q_positions", q_positions, 0, cos.shape[-2], validate)
     if cos.dim() == 2:
-        cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
-    scale = float(dim**-0.5 if scale is None else scale)
+        cos, sin = cos[None], sin[None]
+    if cos.shape[0] != bsz:  # [1, P', D] (what HF rotary embeddings return): broadcast over B
+        cos, sin = cos.expand(bsz, *cos.shape[1:]), sin.expand(bsz, *sin.shape[1:])
+    scale = float(dim**-0.5) if scale is None else scale
     return _run(
         "vtu_decode_attention", device, backend, q, k_rows, v_rows, cos, sin,
         pos_map.to(torch.int32), q_positions.to(torch.int32), full_lengths, scale,

@@ -68,6 +68,18 @@ def _vtu_case(seed):
     return q, k, v, cos, sin, pos_map, full_lengths
 
 
+def _decode_case(seed, tq=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, tq, HD, generator=g)
+    k_rows = torch.randn(B, Hkv, Nu, HD, generator=g)
+    v_rows = torch.randn(B, Hkv, Nu, HD, generator=g)
+    cos, sin = torch.randn(Nf, HD, generator=g), torch.randn(Nf, HD, generator=g)
+    pos_map = torch.randint(0, Nu, (B, Nf), generator=g).to(torch.int32)
+    q_positions = torch.randint(0, Nf, (B, tq), generator=g).to(torch.int32)
+    full_lengths = torch.randint(0, Nf + 1, (B,), generator=g).to(torch.int32)
+    return q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths
+
+
 # Each public op as a function of tensors only (what changes between calls) + its inputs.
 def _ops_under_test(backend):
     def similarity(metric, lengths):
@@ -95,6 +107,10 @@ def _ops_under_test(backend):
     def vtu(q, k, v, cos, sin, pos_map, full_lengths):
         return dk.vtu_attention(q, k, v, cos, sin, pos_map, full_lengths=full_lengths, backend=backend)
 
+    def decode(q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths):
+        return dk.vtu_decode_attention(q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths=full_lengths,
+                                       backend=backend)
+
     def case(seed):
         x, metric, size, lengths, tau, pos_map = _dtome_case(seed)
         vt = _vtu_case(seed)
@@ -106,6 +122,7 @@ def _ops_under_test(backend):
             "dtome_merge_defaults": (merge_plain, (x, metric, lengths, tau[0])),
             "batch_threshold": (threshold, (metric, lengths)),
             "vtu_attention": (vtu, vt),
+            "vtu_decode_attention": (decode, _decode_case(seed)),
         }
 
     return case
@@ -113,7 +130,7 @@ def _ops_under_test(backend):
 
 OP_NAMES = [
     "bipartite_similarity", "select_edges", "scatter_merge", "dtome_merge", "dtome_merge_defaults",
-    "batch_threshold", "vtu_attention",
+    "batch_threshold", "vtu_attention", "vtu_decode_attention",
 ]
 
 
@@ -186,6 +203,7 @@ def _opcheck_samples():
     row_map, new_lengths = dk.select_edges(node_max, node_idx, lengths, tau, N, backend="reference")
     q, k, v, cos, sin, vmap, full_lengths = _vtu_case(0)
     cos, sin = cos.expand(B, *cos.shape), sin.expand(B, *sin.shape)
+    dq, dk_rows, dv_rows, dcos, dsin, dmap, dpos, dlen = _decode_case(0)
     return {
         "bipartite_similarity": [(metric, lengths, True), (metric.half(), lengths, False)],
         "select_edges": [(node_max, node_idx, lengths, tau, N, False), (node_max, node_idx, lengths, tau, N, True)],
@@ -193,6 +211,9 @@ def _opcheck_samples():
         "dtome_merge": [(x, metric, size, lengths, tau, pos_map, True), (x, metric, size, lengths, tau, None, False)],
         "batch_threshold": [(node_max, 2), (node_max, 100)],
         "vtu_attention": [(q, k, v, cos, sin, vmap, full_lengths, True, HD**-0.5)],
+        "vtu_decode_attention": [
+            (dq, dk_rows, dv_rows, dcos.expand(B, *dcos.shape), dsin.expand(B, *dsin.shape), dmap, dpos, dlen, HD**-0.5)
+        ],
     }
 
 
