@@ -15,6 +15,7 @@ CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests; dots then run in f
 because the interpreter has no bf16 dot).
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 import triton
 
 from .._alloc import empty
-from .triton_kernels import vtu_attention_fwd_kernel, vtu_group_rows_kernel, vtu_merge_rows_kernel
+from .triton_kernels import vtu_attention_fwd_kernel, vtu_finish_rows_kernel, vtu_group_rows_kernel
 
 SUPPORTED = frozenset({"vtu_attention"})
 
@@ -70,13 +71,20 @@ def _capability(device_index: int):
 def grouping_config(interpreter: bool = False) -> dict:
     """Tile sizes of the counting-sort and re-merge kernels."""
     if interpreter:
-        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_J=4, BLOCK_C=256)
-    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_J=4, BLOCK_C=1024)
+        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_H=2)
+    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_H=4)
+
+
+def group_heads(num_kv_groups: int, block_m: int) -> int:
+    """Query heads packed into one program: the GQA group (padded to a power of two), at most
+    BLOCK_M // 16 so a tile keeps >= 16 query slots (larger groups take several programs)."""
+    return min(triton.next_power_of_2(num_kv_groups), max(block_m // 16, 1))
 
 
 def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float, config=None):
     bsz, hq, nu, dim = q.shape
     hkv = k.shape[1]
+    group = hq // hkv
     nf = pos_map.shape[1]
     interp = _interpreting()
     capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else (9, 0)
@@ -89,30 +97,36 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
         span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[-2:], t.stride()[-2:]))
         if span >= 2**31:
             raise ValueError(f"{name}: one (batch, head) slice spans {span} elements; the Triton kernel needs < 2**31")
+    heads = cfg.get("GROUP_HEADS") or group_heads(group, cfg["BLOCK_M"])
+    block_s = cfg["BLOCK_M"] // heads
+    num_tiles = triton.cdiv(nf, block_s)
+    chunks = triton.cdiv(group, heads)
     full_lengths = full_lengths.to(torch.int32)
     out = empty((bsz, hq, nu, dim), q.dtype, q.device)
-    o = torch.empty((bsz, nf, hq, dim), dtype=torch.float32, device=q.device)
-    vtu_attention_fwd_kernel[(triton.cdiv(nf, cfg["BLOCK_M"]), bsz * hq)](
-        q, k, v, cos, sin, pos_map, full_lengths, o,
-        *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
-        o.stride(0), o.stride(2), o.stride(1),
-        hq, hq // hkv, nu, nf, float(scale) * LOG2_E,
-        HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
-        DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the partial sums of rows
+    # that straddle query tiles (fp32 [B, Hq, num_tiles, 2, D]); nothing of size Nf x D.
     row_start = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
     row_count = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
     order = torch.empty((bsz, nf), dtype=torch.int32, device=q.device)
-    vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
-        pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
-        BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
-    )
-    vtu_merge_rows_kernel[(nu, bsz, triton.cdiv(hq * dim, grp["BLOCK_C"]))](
-        o, row_start, row_count, order, out, o.stride(0), o.stride(1), *out.stride(), hq, nu, nf,
-        HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"], num_warps=4,
-    )
+    side = torch.empty((bsz, hq, num_tiles, 2, dim), dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
+            pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
+            BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
+        )
+        vtu_attention_fwd_kernel[(num_tiles, bsz * hkv * chunks)](
+            q, k, v, cos, sin, pos_map, full_lengths, order, row_start, row_count, out, side,
+            *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
+            *out.stride(), hq, group, nu, nf, num_tiles, float(scale) * LOG2_E,
+            HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=bool(causal),
+            DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        vtu_finish_rows_kernel[(nu, bsz, triton.cdiv(hq, grp["BLOCK_H"]))](
+            side, row_start, row_count, out, *out.stride(), hq, nu, num_tiles,
+            HEAD_DIM=dim, BLOCK_S=block_s, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        )
     return out
 
 
@@ -165,42 +179,63 @@ def vtu_attention(
     return _vtu_attention_op(q, k, v, cos, sin, pos_map, full_lengths, bool(causal), float(scale))
 
 
+ATTN_ARGS = [
+    "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START", "ROW_COUNT", "OUT", "SIDE",
+    "stride_qb", "stride_qh", "stride_qn", "stride_qd",
+    "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+    "stride_vb", "stride_vh", "stride_vn", "stride_vd",
+    "stride_cb", "stride_cn", "stride_cd",
+    "stride_sb", "stride_sn", "stride_sd",
+    "stride_mb", "stride_mn",
+    "stride_outb", "stride_outh", "stride_outn", "stride_outd",
+    "num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale",
+]
+# (D, GROUP_HEADS) pairs compiled: the common LLM head dims, padded ones, and packed GQA groups.
+_SPEC_SHAPES = [(64, 1), (72, 4), (80, 4), (96, 2), (128, 1), (128, 8)]
+
+
 def _specs():
-    """COMPILE_SPECS: every kernel with the block sizes ``_launch`` really uses on a GPU."""
+    """COMPILE_SPECS: every kernel as ``_launch`` really launches it on a GPU.
+
+    Each q/k/v dtype with cos/sin in fp32 (what the model layer passes) and in q's dtype, the
+    block sizes of ``attention_config`` per architecture, and the runtime's specialisation
+    of the HF layout (q/k/v [B, H, N, D] views of [B, N, H, D], contiguous cos/sin or a
+    stride-0 batch view, contiguous int32 map): pointers and every stride that is a multiple
+    of D (D % 16 == 0) divisible by 16, unit column strides equal to 1. The integer sizes
+    are do_not_specialize, so they stay plain i32.
+    """
     specs = []
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    attn_args = [
-        "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "O",
-        "stride_qb", "stride_qh", "stride_qn", "stride_qd",
-        "stride_kb", "stride_kh", "stride_kn", "stride_kd",
-        "stride_vb", "stride_vh", "stride_vn", "stride_vd",
-        "stride_cb", "stride_cn", "stride_cd",
-        "stride_sb", "stride_sn", "stride_sd",
-        "stride_mb", "stride_mn",
-        "stride_ob", "stride_oh", "stride_on",
-        "num_heads", "num_kv_groups", "num_merged", "num_full", "qk_scale",
-    ]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim in (64, 72, 80, 96, 128):
-            # fp32 tiles do not depend on the GPU; fp16/bf16 ones differ for sm_90 and sm_80.
-            per_arch = [(None, (9, 0))] if dtype == torch.float32 else [([90], (9, 0)), ([80], (8, 0))]
-            for archs, capability in per_arch:
+    combos = [(torch.float16, torch.float32), (torch.float16, torch.float16),
+              (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+              (torch.float32, torch.float32)]
+    unit = ["stride_qd", "stride_kd", "stride_vd", "stride_cd", "stride_sd", "stride_mn", "stride_outd"]
+    for dtype, cs_dtype in combos:
+        for dim, heads in _SPEC_SHAPES:
+            for arch, capability in ((90, (9, 0)), (80, (8, 0))):
                 cfg = attention_config(dim, dtype, capability=capability)
-                sig = {name: "i32" for name in attn_args}
-                sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[dtype], SIN=ptr[dtype],
-                           POS_MAP="*i32", FULL_LEN="*i32", O="*fp32", qk_scale="fp32")
+                sig = {name: "i32" for name in ATTN_ARGS}
+                sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[cs_dtype], SIN=ptr[cs_dtype],
+                           POS_MAP="*i32", FULL_LEN="*i32", ORDER="*i32", ROW_START="*i32", ROW_COUNT="*i32",
+                           OUT=ptr[dtype], SIDE="*fp32", qk_scale="fp32")
                 consts = dict(HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=True,
                               DOT_FP32=dtype == torch.float32, INPUT_PRECISION="ieee")
                 sig.update({name: "constexpr" for name in consts})
-                spec = dict(kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                            name=f"vtu_attention_fwd D={dim} {names[dtype]} "
-                                 f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}")
-                if archs is not None:
-                    spec["archs"] = archs
-                specs.append(spec)
+                divisible = ["Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START",
+                             "ROW_COUNT", "OUT", "SIDE", "stride_cb", "stride_sb"]
+                if dim % 16 == 0:
+                    divisible += ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                                  "stride_vb", "stride_vh", "stride_vn", "stride_cn", "stride_sn",
+                                  "stride_outb", "stride_outh", "stride_outn"]
+                specs.append(dict(
+                    kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
+                    specialize={"divisible_by_16": divisible, "equal_to_1": unit}, vectorized_loads=True,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=[arch],
+                    name=f"vtu_attention_fwd D={dim} G={heads} {names[dtype]} cos {names[cs_dtype]} "
+                         f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}",
+                ))
     grp = grouping_config()
     specs.append(dict(
         kernel=vtu_group_rows_kernel,
@@ -208,18 +243,26 @@ def _specs():
                    "ORDER": "*i32", "stride_mb": "i32", "stride_mn": "i32", "num_merged": "i32",
                    "num_full": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
         constexprs=dict(BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"]), num_warps=4,
+        specialize={"divisible_by_16": ["POS_MAP", "FULL_LEN", "ROW_START", "ROW_COUNT", "ORDER"],
+                    "equal_to_1": ["stride_mn"]},
         name="vtu_group_rows",
     ))
+    finish_args = ["stride_outb", "stride_outh", "stride_outn", "stride_outd", "num_heads", "num_merged", "num_tiles"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim in (64, 80, 128):
-            merge_args = ["stride_ob", "stride_on", "stride_outb", "stride_outh",
-                          "stride_outn", "stride_outd", "num_heads", "num_merged", "num_full"]
-            sig = {"O": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "ORDER": "*i32", "OUT": ptr[dtype]}
-            sig.update({name: "i32" for name in merge_args})
-            consts = dict(HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"])
+        for dim, heads in _SPEC_SHAPES:
+            if heads != 1 and dim == 128:
+                continue
+            cfg = attention_config(dim, dtype)
+            sig = {"SIDE": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "OUT": ptr[dtype]}
+            sig.update({name: "i32" for name in finish_args})
+            consts = dict(HEAD_DIM=dim, BLOCK_S=cfg["BLOCK_M"] // heads, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
             sig.update({name: "constexpr" for name in consts})
-            specs.append(dict(kernel=vtu_merge_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
-                              name=f"vtu_merge_rows D={dim} {names[dtype]}"))
+            divisible = ["SIDE", "ROW_START", "ROW_COUNT", "OUT"]
+            if dim % 16 == 0:
+                divisible += ["stride_outb", "stride_outh", "stride_outn"]
+            specs.append(dict(kernel=vtu_finish_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
+                              specialize={"divisible_by_16": divisible, "equal_to_1": ["stride_outd"]},
+                              name=f"vtu_finish_rows D={dim} {names[dtype]}"))
     return specs
 
 
