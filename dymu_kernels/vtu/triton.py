@@ -56,10 +56,12 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
         cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     elif dtype == torch.float32:
         cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    elif head_dim % 16 != 0:  # D = 72, ...: no 16-element alignment, the padded halves cost most
+        cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
     elif tuple(capability) >= (9, 0):
-        cfg.update(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
     else:
-        cfg.update(BLOCK_M=128, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=64, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
     return cfg
 
 
@@ -79,6 +81,13 @@ def group_heads(num_kv_groups: int, block_m: int) -> int:
     """Query heads packed into one program: the GQA group (padded to a power of two), at most
     BLOCK_M // 16 so a tile keeps >= 16 query slots (larger groups take several programs)."""
     return min(triton.next_power_of_2(num_kv_groups), max(block_m // 16, 1))
+
+
+def _device_guard(t: torch.Tensor):
+    """Make t's GPU the current device for the launches (Triton launches on the current
+    device's current stream): tensors on cuda:1 with cuda:0 current would otherwise fault or
+    run unordered with the caller's stream. No-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float, config=None):
@@ -101,6 +110,8 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
     block_s = cfg["BLOCK_M"] // heads
     num_tiles = triton.cdiv(nf, block_s)
     chunks = triton.cdiv(group, heads)
+    if hq * num_tiles * 2 * dim >= 2**31 or hq * nu * dim >= 2**31:
+        raise ValueError(f"one image's output/side buffer spans >= 2**31 elements (Hq={hq}, Nu={nu}, Nf={nf}, D={dim})")
     full_lengths = full_lengths.to(torch.int32)
     out = empty((bsz, hq, nu, dim), q.dtype, q.device)
     # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the partial sums of rows
@@ -109,7 +120,7 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
     row_count = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
     order = torch.empty((bsz, nf), dtype=torch.int32, device=q.device)
     side = torch.empty((bsz, hq, num_tiles, 2, dim), dtype=torch.float32, device=q.device)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with _device_guard(q):
         vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
             pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
             BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
@@ -190,8 +201,9 @@ ATTN_ARGS = [
     "stride_outb", "stride_outh", "stride_outn", "stride_outd",
     "num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale",
 ]
-# (D, GROUP_HEADS) pairs compiled: the common LLM head dims, padded ones, and packed GQA groups.
-_SPEC_SHAPES = [(64, 1), (72, 4), (80, 4), (96, 2), (128, 1), (128, 8)]
+# (D, GQA group) pairs compiled: the common LLM head dims, padded ones, and packed groups
+# (GROUP_HEADS = group_heads(group, BLOCK_M), as the launcher picks it).
+_SPEC_SHAPES = [(64, 1), (64, 7), (72, 4), (80, 4), (96, 2), (128, 1), (128, 7)]
 
 
 def _specs():
@@ -212,9 +224,10 @@ def _specs():
               (torch.float32, torch.float32)]
     unit = ["stride_qd", "stride_kd", "stride_vd", "stride_cd", "stride_sd", "stride_mn", "stride_outd"]
     for dtype, cs_dtype in combos:
-        for dim, heads in _SPEC_SHAPES:
+        for dim, group in _SPEC_SHAPES:
             for arch, capability in ((90, (9, 0)), (80, (8, 0))):
                 cfg = attention_config(dim, dtype, capability=capability)
+                heads = group_heads(group, cfg["BLOCK_M"])
                 sig = {name: "i32" for name in ATTN_ARGS}
                 sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[cs_dtype], SIN=ptr[cs_dtype],
                            POS_MAP="*i32", FULL_LEN="*i32", ORDER="*i32", ROW_START="*i32", ROW_COUNT="*i32",
@@ -249,10 +262,11 @@ def _specs():
     ))
     finish_args = ["stride_outb", "stride_outh", "stride_outn", "stride_outd", "num_heads", "num_merged", "num_tiles"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim, heads in _SPEC_SHAPES:
-            if heads != 1 and dim == 128:
+        for dim, group in _SPEC_SHAPES:
+            if group != 1 and dim in (64, 128):
                 continue
             cfg = attention_config(dim, dtype)
+            heads = group_heads(group, cfg["BLOCK_M"])
             sig = {"SIDE": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "OUT": ptr[dtype]}
             sig.update({name: "i32" for name in finish_args})
             consts = dict(HEAD_DIM=dim, BLOCK_S=cfg["BLOCK_M"] // heads, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])

@@ -259,19 +259,21 @@ def vtu_attention_fwd_kernel(
     first = (slot == row_start) | (in_tile == 0)
     last = (slot == row_start + row_count - 1) | (in_tile == BLOCK_S - 1)
     offs_d = tl.arange(0, BLOCK_D)
-    first_2d = tl.where(first[:, None] & (offs_d[None, :] >= 0), 1, 0)
+    first_2d = tl.where(first[:, None] & (offs_d[None, :] >= 0), 1, 0).to(tl.int8)
     sums, _ = tl.associative_scan((o, first_2d), 0, _seg_add)
     complete = (row_start >= tile_start) & (row_start + row_count <= tile_start + BLOCK_S)
     write = m_ok & last
     d_ok = offs_d[None, :] < HEAD_DIM
-    out_ptr = (OUT + b * stride_outb + head[:, None].to(tl.int64) * stride_outh
-               + rows_m[:, None].to(tl.int64) * stride_outn + offs_d[None, :] * stride_outd)
+    # int32 offsets from per-image bases (one image's output and side buffer are < 2**31
+    # elements, checked by the launcher): half the registers of 64-bit pointer tiles.
+    out_row = head * stride_outh + rows_m * stride_outn
     mean = sums / row_count[:, None].to(tl.float32)
-    tl.store(out_ptr, mean.to(OUT.dtype.element_ty), mask=(write & complete)[:, None] & d_ok)
-    which = (row_start > tile_start).to(tl.int64)
-    side_row = ((b * num_heads + head) * num_tiles + tile) * 2 + which
-    side_ptr = SIDE + side_row[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(side_ptr, sums, mask=(write & ~complete)[:, None] & d_ok)
+    tl.store(OUT + b * stride_outb + (out_row[:, None] + offs_d[None, :] * stride_outd),
+             mean.to(OUT.dtype.element_ty), mask=(write & complete)[:, None] & d_ok)
+    which = (row_start > tile_start).to(tl.int32)
+    side_row = ((head * num_tiles + tile) * 2 + which) * HEAD_DIM
+    tl.store(SIDE + b * num_heads * num_tiles * 2 * HEAD_DIM + (side_row[:, None] + offs_d[None, :]), sums,
+             mask=(write & ~complete)[:, None] & d_ok)
 
 
 @triton.jit(do_not_specialize=["num_merged", "num_full"])
