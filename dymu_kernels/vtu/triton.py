@@ -1,18 +1,29 @@
 """Triton backend of VTU attention: launcher, torch.library op and compile specs.
 
 ``vtu_attention`` takes the normalised arguments of ``dymu_kernels.vtu.reference.vtu_attention``
-and runs three kernels (``triton_kernels.py``): the fused gather + RoPE + flash-attention
-forward over the full positions, a stable counting sort of the positions by merged row, and
-the deterministic re-merge mean. No host sync (lengths stay on the device, all sizes are
-static), no per-length recompilation (Nf, Nu and length-dependent strides are
-do_not_specialize), no autotuning (block sizes are picked here from D and the dtype).
+and runs three kernels (``triton_kernels.py``): a stable counting sort of the valid positions
+by merged row, the fused gather + RoPE + flash-attention forward over those positions in
+merged-row order with the re-merge mean in its epilogue, and a small pass that finishes the
+rows straddling query tiles (and zeroes unmapped rows). No host sync (lengths stay on the
+device, all sizes are static), no per-length recompilation (only the integer sizes Nf, Nu,
+Hq, group and tile count are do_not_specialize; pointers and strides keep Triton's
+divisibility / unit-stride specialisation, which gives vectorised loads and cp.async), no
+autotuning (block sizes are picked here from D, the dtype and the GPU).
 
-Memory beyond the output: o [B, Nf, Hq, D] fp32 per-position outputs, plus int32 [B, Nf]
-and 2 x [B, Nu] for the grouping. Q, K, V are never expanded to full length in memory.
+Memory beyond the output: int32 [B, Nf] (positions grouped by row) and 2 x [B, Nu], plus the
+fp32 partial sums of straddling rows, [B, Hq, num_tiles, 2, D] with num_tiles = cdiv(Nf,
+BLOCK_S), BLOCK_S = BLOCK_M // GROUP_HEADS (16 to 64 query slots): 1/8 to 1/32 of a
+per-position fp32 output. Q, K, V and the attention output are never expanded to full length.
+
+Every launch runs under ``torch.cuda.device(q.device)`` (``_device_guard``), so tensors on a
+GPU other than the current one use their own device and its current stream.
 
 Limitations: inference only; D even and <= 128; fp32 inputs use IEEE fp32 dots (no TF32);
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests; dots then run in fp32
-because the interpreter has no bf16 dot).
+because the interpreter has no bf16 dot; the GPU's bf16 roundings are emulated in
+tests/test_vtu_bf16_emulation.py). The compile check (``python -m dymu_kernels.compile_check``)
+must show no spills: the tiles of ``attention_config`` are the largest found spill-free
+(sm_80 and D not a multiple of 16 get BLOCK_M = 32).
 """
 
 import contextlib
@@ -45,9 +56,10 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
     BLOCK_HALF pads D/2 (each RoPE half), BLOCK_D pads D (the V/output columns); both are
     powers of two >= 16 (tl.dot needs K, N >= 16). fp16/bf16 dot in the input dtype with
     fp32 accumulation; fp32 dots are IEEE (CUDA cores). Every key tile is gathered and
-    rotated in registers, so BLOCK_N is what bounds register use: the choices below are the
-    largest that compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
-    (capability >= 9) and sm_80.
+    rotated in registers and the epilogue's segmented scan holds two [BLOCK_M, BLOCK_D]
+    tiles, which is what bounds BLOCK_M and BLOCK_N: the choices below are the largest that
+    compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
+    (capability >= 9) and sm_80, for cos/sin in fp32 and in q's dtype.
     """
     cfg = dict(BLOCK_HALF=_pow2_at_least_16(head_dim // 2), BLOCK_D=_pow2_at_least_16(head_dim))
     wide = cfg["BLOCK_D"] > 64
@@ -57,11 +69,13 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
     elif dtype == torch.float32:
         cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
     elif head_dim % 16 != 0:  # D = 72, ...: no 16-element alignment, the padded halves cost most
-        cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     elif tuple(capability) >= (9, 0):
         cfg.update(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
+    elif wide:
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     else:
-        cfg.update(BLOCK_M=64, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return cfg
 
 

@@ -2,34 +2,43 @@
 
 Three kernels, in the order they run:
 
-1. ``vtu_attention_fwd_kernel``: FlashAttention-2-style forward over the *full* positions.
-   One program = BLOCK_M full query positions of one (batch, query head). Query and key rows
-   are gathered through ``pos_map`` and rotated (RoPE) at their own positions in registers,
-   in fp32; online softmax in fp32 with exp2. Writes the per-position output
-   o [B, Nf, Hq, D] fp32 (the size of SDPA's own output; nothing full-length else is stored).
-2. ``vtu_group_rows_kernel``: a stable counting sort of the valid positions by merged row,
+1. ``vtu_group_rows_kernel``: a stable counting sort of the valid positions by merged row,
    without atomics or a host sync: for BLOCK_R merged rows it scans the map twice (count,
    then place with an in-tile cumsum). Output: row_start/row_count [B, Nu] and the positions
-   grouped by row in increasing order, order [B, Nf]. Work O(Nu * Nf) compares per image,
+   grouped by row in increasing order, order [B, Nf]. Map entries of valid positions outside
+   [0, Nu) are clamped into it (the reference's rule). Work O(Nu * Nf) compares per image,
    vectorised BLOCK_R x BLOCK_P (negligible next to the N_full^2 * D attention).
-3. ``vtu_merge_rows_kernel``: for each (merged row, batch, block of head x dim columns) the
-   mean of o over the row's positions, summed in position order (bit-identical run to run);
-   rows with no valid position are written as 0.
+2. ``vtu_attention_fwd_kernel``: FlashAttention-2-style forward over the full positions taken
+   in merged-row order (``order``). One program = BLOCK_S query slots x GROUP_HEADS query
+   heads of one KV head (tile row m = head m // BLOCK_S, slot m % BLOCK_S), so each K/V tile
+   is gathered through ``pos_map`` and rotated (RoPE, fp32, in registers) once for the whole
+   GQA group. Online softmax in fp32 with exp2. Key tiles below the tile's smallest query
+   position run unmasked; the rest are masked by where-selects (hidden NaN/inf K or V never
+   leak; a non-finite V at a visible key makes that query's output NaN). Epilogue: the
+   slots' outputs summed per merged-row run by a segmented scan (fixed order); rows wholly
+   inside the tile get their mean written to the output, straddling rows leave partial sums
+   in a small fp32 side buffer.
+3. ``vtu_finish_rows_kernel``: per merged row, the straddling rows' partials summed in tile
+   order and divided by the count; rows with no valid position written as 0.
+
+Everything is bit-identical run to run (no atomics, fixed reduction orders).
 
 Limitations:
 - Head dim D must be even and <= 128; the two RoPE halves are padded separately to a power
   of two >= 16 (D = 72/80/96 use 2 x 64 columns, D <= 32 use 2 x 16).
-- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs.
-- Every query-tile program gathers and re-rotates every key tile it reads (rotated copies are
-  never stored): about 6 fp32 FLOPs per key element per tile, on CUDA cores, next to the
-  tensor-core dots; with GQA the query heads of one group each redo it (packing a group into
-  one program would share it: not done yet). The rotated key tile lives in registers, which
-  is what limits BLOCK_N (see ``attention_config``).
-- Offsets inside one (batch, head) slice are int32 (the launcher checks the span < 2**31).
-- Map entries of valid positions outside [0, Nu) are not an error here (the op layer checks
-  them when validation is on); the kernels load zeros for them (or, in unmasked key tiles,
-  clamp them into [0, Nu)) and never read or write out of bounds; such a position belongs
-  to no merged row.
+- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs. fp16/bf16
+  dots round rotated q/k and p to the input dtype (fp32 accumulation); the bf16 error is
+  within 2x of HF's own bf16 path (tests/test_vtu_bf16_emulation.py).
+- Queries in merged-row order: a tile's positions are scattered (a DToMe group spans the
+  image), so the causal bound of a tile is its largest position and every key tile above its
+  smallest position is masked: up to ~2x the score work of position order when groups are
+  spread over long spans (the price of re-merging in the epilogue instead of in memory).
+- Every key tile is gathered and re-rotated by every query-tile program (rotated copies are
+  never stored): about 6 fp32 FLOPs per key element per tile on CUDA cores; the rotated key
+  tile and the epilogue scan are what bound BLOCK_M/BLOCK_N (see ``attention_config``).
+- A non-finite V at a visible key turns the whole output row NaN (not only its column).
+- Offsets inside one (batch, head) slice, and within one image's output and side buffer,
+  are int32 (the launcher checks the spans < 2**31).
 - Inference only (no backward).
 """
 
