@@ -279,3 +279,37 @@ def test_no_full_length_allocation():
     assert allocs, "the profiler saw no allocation (at least the output is allocated)"
     assert max(allocs) < limit and sum(allocs) < limit, (max(allocs), sum(allocs), limit)
     check(out.cpu(), q, k, v, cos, sin, pos_map)
+
+
+def test_compile_specs_match_kernels_and_cover_the_runtime_dtypes():
+    """COMPILE_SPECS compile what runs: signatures match the kernels, every q dtype with
+    cos/sin in fp32 and in q's dtype, the launcher's tiles, only real args specialised."""
+    from dymu_kernels.vtu import triton as vt
+
+    combos = set()
+    for spec in vt.COMPILE_SPECS:
+        sig = spec["signature"]
+        assert list(sig) == list(spec["kernel"].arg_names), spec["name"]
+        assert {k for k, v in sig.items() if v == "constexpr"} == set(spec["constexprs"]), spec["name"]
+        special = spec.get("specialize", {})
+        for name in special.get("divisible_by_16", []) + special.get("equal_to_1", []):
+            assert name in sig and sig[name] != "constexpr", (spec["name"], name)
+        if spec["kernel"] is vt.vtu_attention_fwd_kernel:
+            combos.add((sig["Q"], sig["COS"]))
+            dim = spec["constexprs"]["HEAD_DIM"]
+            dtype = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32}[sig["Q"]]
+            cfg = vt.attention_config(dim, dtype, capability=(spec["archs"][0] // 10, spec["archs"][0] % 10))
+            assert all(spec["constexprs"][k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_HALF", "BLOCK_D"))
+            assert (spec["num_warps"], spec["num_stages"]) == (cfg["num_warps"], cfg["num_stages"])
+    assert combos == {("*fp16", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*fp32"), ("*bf16", "*bf16"), ("*fp32", "*fp32")}
+    # Sizes never specialise (no recompile per length); strides do (divisibility hints).
+    import inspect
+    import re
+
+    from dymu_kernels.vtu import triton_kernels
+
+    source = inspect.getsource(triton_kernels)
+    for kernel in ("vtu_attention_fwd_kernel", "vtu_group_rows_kernel", "vtu_finish_rows_kernel"):
+        dns = re.search(r"do_not_specialize=\[([^\]]*)\]\s*\)\s*def " + kernel, source).group(1)
+        names = set(re.findall(r'"(\w+)"', dns))
+        assert "num_merged" in names and not any(name.startswith("stride") for name in names), (kernel, names)

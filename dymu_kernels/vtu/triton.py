@@ -258,7 +258,7 @@ def _specs():
                                   "stride_outb", "stride_outh", "stride_outn"]
                 specs.append(dict(
                     kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
-                    specialize={"divisible_by_16": divisible, "equal_to_1": unit}, vectorized_loads=True,
+                    specialize={"divisible_by_16": divisible, "equal_to_1": unit}, vectorized_loads=dim % 16 == 0,
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=[arch],
                     name=f"vtu_attention_fwd D={dim} G={heads} {names[dtype]} cos {names[cs_dtype]} "
                          f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}",
