@@ -128,10 +128,11 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
     out = empty((bsz, hq, nu, dim), q.dtype, q.device)
     # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the partial sums of rows
     # that straddle query tiles (fp32 [B, Hq, num_tiles, 2, D]); nothing of size Nf x D.
-    row_start = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
-    row_count = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
-    order = torch.empty((bsz, nf), dtype=torch.int32, device=q.device)
-    side = torch.empty((bsz, hq, num_tiles, 2, dim), dtype=torch.float32, device=q.device)
+    # Poisoned too under poison_outputs(), so a read of an unwritten entry fails the tests.
+    row_start = empty((bsz, nu), torch.int32, q.device)
+    row_count = empty((bsz, nu), torch.int32, q.device)
+    order = empty((bsz, nf), torch.int32, q.device)
+    side = empty((bsz, hq, num_tiles, 2, dim), torch.float32, q.device)
     with _device_guard(q):
         vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
             pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,

@@ -12,7 +12,8 @@ Three kernels, in the order they run:
    in merged-row order (``order``). One program = BLOCK_S query slots x GROUP_HEADS query
    heads of one KV head (tile row m = head m // BLOCK_S, slot m % BLOCK_S), so each K/V tile
    is gathered through ``pos_map`` and rotated (RoPE, fp32, in registers) once for the whole
-   GQA group. Online softmax in fp32 with exp2. Key tiles below the tile's smallest query
+   GQA group, or once per chunk of GROUP_HEADS <= BLOCK_M // 16 heads for larger groups
+   (Qwen2's 7:1 takes 2 programs at BLOCK_M = 64, 4 at 32), so a tile keeps >= 16 slots. Online softmax in fp32 with exp2. Key tiles below the tile's smallest query
    position run unmasked; the rest are masked by where-selects (hidden NaN/inf K or V never
    leak; a non-finite V at a visible key makes that query's output NaN). Epilogue: the
    slots' outputs summed per merged-row run by a segmented scan (fixed order); rows wholly
