@@ -66,8 +66,10 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
     if interpreter:
         # Small tiles so tiny test shapes still cross tile borders and the diagonal split.
         cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32 and head_dim % 16 != 0:
+        cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
     elif dtype == torch.float32:
-        cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=32 if wide else 64, BLOCK_N=16, num_warps=8, num_stages=2)
     elif head_dim % 16 != 0:  # D = 72, ...: no 16-element alignment, the padded halves cost most
         cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     elif tuple(capability) >= (9, 0):
