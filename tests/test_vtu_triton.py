@@ -91,7 +91,7 @@ def test_group_of_60_scattered_bf16():
 
 
 def test_gpu_block_sizes_and_strided_inputs():
-    """The tile sizes launched on a GPU (BLOCK_M=128, BLOCK_N=64), on non-contiguous q/k/v."""
+    """The tile sizes launched on a GPU (BLOCK_M=64, BLOCK_N=64), on non-contiguous q/k/v."""
     from dymu_kernels.vtu import triton as vt
 
     nu, nf, d = 40, 150, 64
@@ -104,7 +104,7 @@ def test_gpu_block_sizes_and_strided_inputs():
     cos, sin = rope_tables(nf, d)
     cos, sin = cos.expand(1, -1, -1), sin.expand(1, -1, -1)
     cfg = vt.attention_config(d, torch.float16)
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (128, 64)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (64, 64)
     out = vt._launch(q, k, v, cos, sin, pos_map, full_lengths, True, d**-0.5,
                      config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]))
     check(out, q, k, v, cos, sin, pos_map, full_lengths)
@@ -139,3 +139,177 @@ def test_registered_op_and_fake_kernel():
          torch.tensor([6], dtype=torch.int32), True, 0.25),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def _reference(q, k, v, cos, sin, pos_map, full_lengths, causal=True):
+    from dymu_kernels.vtu import reference
+
+    bsz = q.shape[0]
+    if cos.dim() == 2:
+        cos, sin = cos.expand(bsz, *cos.shape), sin.expand(bsz, *sin.shape)
+    return reference.vtu_attention(q, k, v, cos, sin, pos_map, full_lengths, causal, q.shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("poison", ["v_nan", "v_inf", "k_nan"])
+def test_hidden_non_finite_kv_never_leaks(poison):
+    """Masking rule: K/V at positions hidden from a query (causal, or beyond the length)
+    never affect it, even when NaN/inf; a non-finite V at a visible key propagates."""
+    nu, nf, d = 7, 40, 16
+    q, k, v = make_inputs(2, 4, 2, nu, d, torch.float32, seed=11)
+    full_lengths = torch.tensor([40, 30], dtype=torch.int32)
+    # Row 6 is used only by the last position of image 0 (causally hidden from every other
+    # query) and by nothing valid in image 1 (only beyond its length).
+    g = torch.Generator().manual_seed(12)
+    pos_map = torch.randint(0, 6, (2, nf), generator=g, dtype=torch.int32)
+    pos_map[:, :6] = torch.arange(6, dtype=torch.int32)
+    pos_map[0, 39] = 6
+    pos_map[1, 30:] = 6
+    cos, sin = rope_tables(nf, d)
+    bad = {"v_nan": float("nan"), "v_inf": float("inf"), "k_nan": float("nan")}[poison]
+    k_bad, v_bad = k.clone(), v.clone()
+    (k_bad if poison == "k_nan" else v_bad)[:, :, 6, 3] = bad
+    out = run(q, k_bad, v_bad, cos, sin, pos_map, full_lengths)
+    clean = run(q, k, v, cos, sin, pos_map, full_lengths)
+    assert torch.isfinite(out[:, :, :6]).all()
+    assert torch.allclose(out[:, :, :6], clean[:, :, :6], atol=1e-6)
+    assert (out[1, :, 6] == 0).all()  # row 6 has no valid position in image 1
+    if poison.startswith("v"):
+        assert out[0, :, 6].isnan().all()  # its own query sees the non-finite V
+    else:
+        assert not torch.isfinite(out[0, :, 6]).all()
+    # Non-causal: every valid query of image 0 sees position 39, image 1 still never does.
+    out_nc = run(q, k_bad, v_bad, cos, sin, pos_map, full_lengths, causal=False)
+    assert not torch.isfinite(out_nc[0]).all(dim=-1).any()
+    assert torch.allclose(out_nc[1], run(q, k, v, cos, sin, pos_map, full_lengths, causal=False)[1], atol=1e-6)
+
+
+def test_out_of_range_map_entries_clamp_like_reference():
+    """With validation off a valid position's map entry outside [0, Nu) is clamped into
+    [0, Nu - 1] (as the reference does), in whichever tile it falls."""
+    from dymu_kernels.vtu import triton as vt
+
+    nu, nf, d = 6, 45, 16
+    q, k, v = make_inputs(1, 2, 1, nu, d, torch.float32, seed=13)
+    full_lengths = torch.tensor([43], dtype=torch.int32)
+    pos_map = scattered_map(1, nf, nu, full_lengths, seed=14)
+    pos_map[0, [0, 5, 17, 33, 42]] = torch.tensor([-3, 9, -1, 6, 100], dtype=torch.int32)
+    cos, sin = rope_tables(nf, d)
+    cos3, sin3 = cos.expand(1, -1, -1), sin.expand(1, -1, -1)
+    for causal in (True, False):
+        out = vt.vtu_attention(q.to(DEV), k.to(DEV), v.to(DEV), cos3.to(DEV), sin3.to(DEV), pos_map.to(DEV),
+                               full_lengths.to(DEV), causal, d**-0.5).cpu()
+        ref = _reference(q, k, v, cos, sin, pos_map, full_lengths, causal)
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    # Through the public op with validation off, on the device (CPU tensors are always checked).
+    if DEV.type == "cuda":
+        out = dk.vtu_attention(q.to(DEV), k.to(DEV), v.to(DEV), cos.to(DEV), sin.to(DEV), pos_map.to(DEV),
+                               full_lengths=full_lengths.to(DEV), backend="triton", validate=False).cpu()
+        assert torch.allclose(out, _reference(q, k, v, cos, sin, pos_map, full_lengths), atol=1e-5)
+
+
+def test_every_launch_is_guarded_by_the_tensors_device(monkeypatch):
+    """Launches run under the tensors' device (Triton uses that device's current stream)."""
+    import contextlib
+
+    from dymu_kernels.vtu import triton as vt
+
+    entered = []
+    real = vt._device_guard
+
+    @contextlib.contextmanager
+    def recording(t):
+        entered.append(t.device)
+        with real(t):
+            yield
+
+    monkeypatch.setattr(vt, "_device_guard", recording)
+    launches = []
+    kernel_type = type(vt.vtu_attention_fwd_kernel)  # all three kernels share it
+    orig = kernel_type.__getitem__
+    monkeypatch.setattr(kernel_type, "__getitem__", lambda self, grid: launches.append(len(entered)) or orig(self, grid))
+    q, k, v = make_inputs(1, 2, 1, 3, 16, torch.float32)
+    cos, sin = rope_tables(6, 16)
+    run(q, k, v, cos, sin, torch.tensor([[0, 1, 1, 2, 0, 2]], dtype=torch.int32))
+    assert len(entered) == 1 and entered[0].type == DEV.type
+    assert launches == [1, 1, 1]  # all three kernels launched inside the guard
+    # On a CUDA tensor the guard is torch.cuda.device(t.device) (checked without a GPU).
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: made.append(dev) or contextlib.nullcontext())
+    fake = type("T", (), {"is_cuda": True, "device": torch.device("cuda", 1)})()
+    with real(fake):
+        pass
+    assert made == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    q, k, v = make_inputs(1, 4, 2, 9, 64, torch.bfloat16, seed=15)
+    full_lengths = torch.tensor([37], dtype=torch.int32)
+    pos_map = scattered_map(1, 40, 9, full_lengths, seed=16)
+    cos, sin = rope_tables(40, 64)
+    dev = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        out = dk.vtu_attention(*(t.to(dev) for t in (q, k, v, cos, sin, pos_map)),
+                               full_lengths=full_lengths.to(dev), backend="triton")
+        torch.cuda.synchronize(dev)
+    assert out.device == dev
+    check(out.cpu(), q, k, v, cos, sin, pos_map, full_lengths)
+
+
+def test_no_full_length_allocation():
+    """Extra memory is O(B*Hq*Nu*D) floats + O(B*Nf) int32: no allocation (nor their sum)
+    reaches a quarter of the per-position fp32 output B*Hq*Nf*D*4 bytes, at Nf >> Nu."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bsz, hq, hkv, nu, nf, d = 1, 2, 2, 8, 256, 16
+    q, k, v = make_inputs(bsz, hq, hkv, nu, d, torch.float32, seed=17)
+    pos_map = scattered_map(bsz, nf, nu, torch.tensor([nf]), seed=18)
+    cos, sin = rope_tables(nf, d)
+    args = [t.to(DEV) for t in (q, k, v, cos, sin, pos_map)]
+    dk.vtu_attention(*args, backend="triton")  # warm up (compile / import)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else []),
+                 profile_memory=True) as prof:
+        out = dk.vtu_attention(*args, backend="triton")
+    mem_key = "device_memory_usage" if DEV.type == "cuda" else "cpu_memory_usage"
+    # Leaf events only: an op's allocation is also reported by every op that encloses it.
+    allocs = [getattr(e, mem_key, 0) for e in prof.events() if not e.cpu_children]
+    allocs = [a for a in allocs if a > 0]
+    limit = bsz * hq * nf * d * 4 // 4
+    assert allocs, "the profiler saw no allocation (at least the output is allocated)"
+    assert max(allocs) < limit and sum(allocs) < limit, (max(allocs), sum(allocs), limit)
+    check(out.cpu(), q, k, v, cos, sin, pos_map)
+
+
+def test_compile_specs_match_kernels_and_cover_the_runtime_dtypes():
+    """COMPILE_SPECS compile what runs: signatures match the kernels, every q dtype with
+    cos/sin in fp32 and in q's dtype, the launcher's tiles, only real args specialised."""
+    from dymu_kernels.vtu import triton as vt
+
+    combos = set()
+    for spec in vt.COMPILE_SPECS:
+        sig = spec["signature"]
+        assert list(sig) == list(spec["kernel"].arg_names), spec["name"]
+        assert {k for k, v in sig.items() if v == "constexpr"} == set(spec["constexprs"]), spec["name"]
+        special = spec.get("specialize", {})
+        for name in special.get("divisible_by_16", []) + special.get("equal_to_1", []):
+            assert name in sig and sig[name] != "constexpr", (spec["name"], name)
+        if spec["kernel"] is vt.vtu_attention_fwd_kernel:
+            combos.add((sig["Q"], sig["COS"]))
+            dim = spec["constexprs"]["HEAD_DIM"]
+            dtype = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32}[sig["Q"]]
+            cfg = vt.attention_config(dim, dtype, capability=(spec["archs"][0] // 10, spec["archs"][0] % 10))
+            assert all(spec["constexprs"][k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_HALF", "BLOCK_D"))
+            assert (spec["num_warps"], spec["num_stages"]) == (cfg["num_warps"], cfg["num_stages"])
+    assert combos == {("*fp16", "*fp32"), ("*fp16", "*fp16"), ("*bf16", "*fp32"), ("*bf16", "*bf16"), ("*fp32", "*fp32")}
+    # Sizes never specialise (no recompile per length); strides do (divisibility hints).
+    import inspect
+    import re
+
+    from dymu_kernels.vtu import triton_kernels
+
+    source = inspect.getsource(triton_kernels)
+    for kernel in ("vtu_attention_fwd_kernel", "vtu_group_rows_kernel", "vtu_finish_rows_kernel"):
+        dns = re.search(r"do_not_specialize=\[([^\]]*)\]\s*\)\s*def " + kernel, source).group(1)
+        names = set(re.findall(r'"(\w+)"', dns))
+        assert "num_merged" in names and not any(name.startswith("stride") for name in names), (kernel, names)

@@ -1,20 +1,32 @@
 """Triton backend of VTU attention: launcher, torch.library op and compile specs.
 
 ``vtu_attention`` takes the normalised arguments of ``dymu_kernels.vtu.reference.vtu_attention``
-and runs three kernels (``triton_kernels.py``): the fused gather + RoPE + flash-attention
-forward over the full positions, a stable counting sort of the positions by merged row, and
-the deterministic re-merge mean. No host sync (lengths stay on the device, all sizes are
-static), no per-length recompilation (Nf, Nu and length-dependent strides are
-do_not_specialize), no autotuning (block sizes are picked here from D and the dtype).
+and runs three kernels (``triton_kernels.py``): a stable counting sort of the valid positions
+by merged row, the fused gather + RoPE + flash-attention forward over those positions in
+merged-row order with the re-merge mean in its epilogue, and a small pass that finishes the
+rows straddling query tiles (and zeroes unmapped rows). No host sync (lengths stay on the
+device, all sizes are static), no per-length recompilation (only the integer sizes Nf, Nu,
+Hq, group and tile count are do_not_specialize; pointers and strides keep Triton's
+divisibility / unit-stride specialisation, which gives vectorised loads and cp.async), no
+autotuning (block sizes are picked here from D, the dtype and the GPU).
 
-Memory beyond the output: o [B, Nf, Hq, D] fp32 per-position outputs, plus int32 [B, Nf]
-and 2 x [B, Nu] for the grouping. Q, K, V are never expanded to full length in memory.
+Memory beyond the output: int32 [B, Nf] (positions grouped by row) and 2 x [B, Nu], plus the
+fp32 partial sums of straddling rows, [B, Hq, num_tiles, 2, D] with num_tiles = cdiv(Nf,
+BLOCK_S), BLOCK_S = BLOCK_M // GROUP_HEADS (16 to 64 query slots): 1/8 to 1/32 of a
+per-position fp32 output. Q, K, V and the attention output are never expanded to full length.
+
+Every launch runs under ``torch.cuda.device(q.device)`` (``_device_guard``), so tensors on a
+GPU other than the current one use their own device and its current stream.
 
 Limitations: inference only; D even and <= 128; fp32 inputs use IEEE fp32 dots (no TF32);
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests; dots then run in fp32
-because the interpreter has no bf16 dot).
+because the interpreter has no bf16 dot; the GPU's bf16 roundings are emulated in
+tests/test_vtu_bf16_emulation.py). The compile check (``python -m dymu_kernels.compile_check``)
+must show no spills: the tiles of ``attention_config`` are the largest found spill-free
+(sm_80 and D not a multiple of 16 get BLOCK_M = 32).
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -23,7 +35,7 @@ import torch
 import triton
 
 from .._alloc import empty
-from .triton_kernels import vtu_attention_fwd_kernel, vtu_group_rows_kernel, vtu_merge_rows_kernel
+from .triton_kernels import vtu_attention_fwd_kernel, vtu_finish_rows_kernel, vtu_group_rows_kernel
 
 SUPPORTED = frozenset({"vtu_attention"})
 
@@ -44,21 +56,26 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
     BLOCK_HALF pads D/2 (each RoPE half), BLOCK_D pads D (the V/output columns); both are
     powers of two >= 16 (tl.dot needs K, N >= 16). fp16/bf16 dot in the input dtype with
     fp32 accumulation; fp32 dots are IEEE (CUDA cores). Every key tile is gathered and
-    rotated in registers, so BLOCK_N is what bounds register use: the choices below are the
-    largest that compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
-    (capability >= 9) and sm_80.
+    rotated in registers and the epilogue's segmented scan holds two [BLOCK_M, BLOCK_D]
+    tiles, which is what bounds BLOCK_M and BLOCK_N: the choices below are the largest that
+    compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
+    (capability >= 9) and sm_80, for cos/sin in fp32 and in q's dtype.
     """
     cfg = dict(BLOCK_HALF=_pow2_at_least_16(head_dim // 2), BLOCK_D=_pow2_at_least_16(head_dim))
     wide = cfg["BLOCK_D"] > 64
     if interpreter:
         # Small tiles so tiny test shapes still cross tile borders and the diagonal split.
         cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32 and head_dim % 16 != 0:
+        cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
     elif dtype == torch.float32:
-        cfg.update(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=32 if wide else 64, BLOCK_N=16, num_warps=8, num_stages=2)
+    elif head_dim % 16 != 0:  # D = 72, ...: no 16-element alignment, the padded halves cost most
+        cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
     elif tuple(capability) >= (9, 0):
-        cfg.update(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
-    else:
-        cfg.update(BLOCK_M=128, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
+        cfg.update(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
+    else:  # sm_80: BLOCK_M = 64 spills a few bytes for every D here
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     return cfg
 
 
@@ -70,13 +87,27 @@ def _capability(device_index: int):
 def grouping_config(interpreter: bool = False) -> dict:
     """Tile sizes of the counting-sort and re-merge kernels."""
     if interpreter:
-        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_J=4, BLOCK_C=256)
-    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_J=4, BLOCK_C=1024)
+        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_H=2)
+    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_H=4)
+
+
+def group_heads(num_kv_groups: int, block_m: int) -> int:
+    """Query heads packed into one program: the GQA group (padded to a power of two), at most
+    BLOCK_M // 16 so a tile keeps >= 16 query slots (larger groups take several programs)."""
+    return min(triton.next_power_of_2(num_kv_groups), max(block_m // 16, 1))
+
+
+def _device_guard(t: torch.Tensor):
+    """Make t's GPU the current device for the launches (Triton launches on the current
+    device's current stream): tensors on cuda:1 with cuda:0 current would otherwise fault or
+    run unordered with the caller's stream. No-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float, config=None):
     bsz, hq, nu, dim = q.shape
     hkv = k.shape[1]
+    group = hq // hkv
     nf = pos_map.shape[1]
     interp = _interpreting()
     capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else (9, 0)
@@ -89,30 +120,39 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
         span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[-2:], t.stride()[-2:]))
         if span >= 2**31:
             raise ValueError(f"{name}: one (batch, head) slice spans {span} elements; the Triton kernel needs < 2**31")
+    heads = cfg.get("GROUP_HEADS") or group_heads(group, cfg["BLOCK_M"])
+    block_s = cfg["BLOCK_M"] // heads
+    num_tiles = triton.cdiv(nf, block_s)
+    chunks = triton.cdiv(group, heads)
+    if hq * num_tiles * 2 * dim >= 2**31 or hq * nu * dim >= 2**31:
+        raise ValueError(f"one image's output/side buffer spans >= 2**31 elements (Hq={hq}, Nu={nu}, Nf={nf}, D={dim})")
     full_lengths = full_lengths.to(torch.int32)
     out = empty((bsz, hq, nu, dim), q.dtype, q.device)
-    o = torch.empty((bsz, nf, hq, dim), dtype=torch.float32, device=q.device)
-    vtu_attention_fwd_kernel[(triton.cdiv(nf, cfg["BLOCK_M"]), bsz * hq)](
-        q, k, v, cos, sin, pos_map, full_lengths, o,
-        *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
-        o.stride(0), o.stride(2), o.stride(1),
-        hq, hq // hkv, nu, nf, float(scale) * LOG2_E,
-        HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal),
-        DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    row_start = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
-    row_count = torch.empty((bsz, nu), dtype=torch.int32, device=q.device)
-    order = torch.empty((bsz, nf), dtype=torch.int32, device=q.device)
-    vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
-        pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
-        BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
-    )
-    vtu_merge_rows_kernel[(nu, bsz, triton.cdiv(hq * dim, grp["BLOCK_C"]))](
-        o, row_start, row_count, order, out, o.stride(0), o.stride(1), *out.stride(), hq, nu, nf,
-        HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"], num_warps=4,
-    )
+    # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the partial sums of rows
+    # that straddle query tiles (fp32 [B, Hq, num_tiles, 2, D]); nothing of size Nf x D.
+    # Poisoned too under poison_outputs(), so a read of an unwritten entry fails the tests.
+    row_start = empty((bsz, nu), torch.int32, q.device)
+    row_count = empty((bsz, nu), torch.int32, q.device)
+    order = empty((bsz, nf), torch.int32, q.device)
+    side = empty((bsz, hq, num_tiles, 2, dim), torch.float32, q.device)
+    with _device_guard(q):
+        vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
+            pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
+            BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
+        )
+        vtu_attention_fwd_kernel[(num_tiles, bsz * hkv * chunks)](
+            q, k, v, cos, sin, pos_map, full_lengths, order, row_start, row_count, out, side,
+            *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
+            *out.stride(), hq, group, nu, nf, num_tiles, float(scale) * LOG2_E,
+            HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=bool(causal),
+            DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        vtu_finish_rows_kernel[(nu, bsz, triton.cdiv(hq, grp["BLOCK_H"]))](
+            side, row_start, row_count, out, *out.stride(), hq, nu, num_tiles,
+            HEAD_DIM=dim, BLOCK_S=block_s, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        )
     return out
 
 
@@ -165,42 +205,65 @@ def vtu_attention(
     return _vtu_attention_op(q, k, v, cos, sin, pos_map, full_lengths, bool(causal), float(scale))
 
 
+ATTN_ARGS = [
+    "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START", "ROW_COUNT", "OUT", "SIDE",
+    "stride_qb", "stride_qh", "stride_qn", "stride_qd",
+    "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+    "stride_vb", "stride_vh", "stride_vn", "stride_vd",
+    "stride_cb", "stride_cn", "stride_cd",
+    "stride_sb", "stride_sn", "stride_sd",
+    "stride_mb", "stride_mn",
+    "stride_outb", "stride_outh", "stride_outn", "stride_outd",
+    "num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale",
+]
+# (D, GQA group) pairs compiled: the common LLM head dims, padded ones, and packed groups
+# (GROUP_HEADS = group_heads(group, BLOCK_M), as the launcher picks it).
+_SPEC_SHAPES = [(64, 1), (64, 7), (72, 4), (80, 4), (96, 2), (128, 1), (128, 7)]
+
+
 def _specs():
-    """COMPILE_SPECS: every kernel with the block sizes ``_launch`` really uses on a GPU."""
+    """COMPILE_SPECS: every kernel as ``_launch`` really launches it on a GPU.
+
+    Each q/k/v dtype with cos/sin in fp32 (what the model layer passes) and in q's dtype, the
+    block sizes of ``attention_config`` per architecture, and the runtime's specialisation
+    of the HF layout (q/k/v [B, H, N, D] views of [B, N, H, D], contiguous cos/sin or a
+    stride-0 batch view, contiguous int32 map): pointers and every stride that is a multiple
+    of D (D % 16 == 0) divisible by 16, unit column strides equal to 1. The integer sizes
+    are do_not_specialize, so they stay plain i32.
+    """
     specs = []
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    attn_args = [
-        "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "O",
-        "stride_qb", "stride_qh", "stride_qn", "stride_qd",
-        "stride_kb", "stride_kh", "stride_kn", "stride_kd",
-        "stride_vb", "stride_vh", "stride_vn", "stride_vd",
-        "stride_cb", "stride_cn", "stride_cd",
-        "stride_sb", "stride_sn", "stride_sd",
-        "stride_mb", "stride_mn",
-        "stride_ob", "stride_oh", "stride_on",
-        "num_heads", "num_kv_groups", "num_merged", "num_full", "qk_scale",
-    ]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim in (64, 72, 80, 96, 128):
-            # fp32 tiles do not depend on the GPU; fp16/bf16 ones differ for sm_90 and sm_80.
-            per_arch = [(None, (9, 0))] if dtype == torch.float32 else [([90], (9, 0)), ([80], (8, 0))]
-            for archs, capability in per_arch:
+    combos = [(torch.float16, torch.float32), (torch.float16, torch.float16),
+              (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+              (torch.float32, torch.float32)]
+    unit = ["stride_qd", "stride_kd", "stride_vd", "stride_cd", "stride_sd", "stride_mn", "stride_outd"]
+    for dtype, cs_dtype in combos:
+        for dim, group in _SPEC_SHAPES:
+            for arch, capability in ((90, (9, 0)), (80, (8, 0))):
                 cfg = attention_config(dim, dtype, capability=capability)
-                sig = {name: "i32" for name in attn_args}
-                sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[dtype], SIN=ptr[dtype],
-                           POS_MAP="*i32", FULL_LEN="*i32", O="*fp32", qk_scale="fp32")
+                heads = group_heads(group, cfg["BLOCK_M"])
+                sig = {name: "i32" for name in ATTN_ARGS}
+                sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[cs_dtype], SIN=ptr[cs_dtype],
+                           POS_MAP="*i32", FULL_LEN="*i32", ORDER="*i32", ROW_START="*i32", ROW_COUNT="*i32",
+                           OUT=ptr[dtype], SIDE="*fp32", qk_scale="fp32")
                 consts = dict(HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=True,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=True,
                               DOT_FP32=dtype == torch.float32, INPUT_PRECISION="ieee")
                 sig.update({name: "constexpr" for name in consts})
-                spec = dict(kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                            name=f"vtu_attention_fwd D={dim} {names[dtype]} "
-                                 f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}")
-                if archs is not None:
-                    spec["archs"] = archs
-                specs.append(spec)
+                divisible = ["Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START",
+                             "ROW_COUNT", "OUT", "SIDE", "stride_cb", "stride_sb"]
+                if dim % 16 == 0:
+                    divisible += ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                                  "stride_vb", "stride_vh", "stride_vn", "stride_cn", "stride_sn",
+                                  "stride_outb", "stride_outh", "stride_outn"]
+                specs.append(dict(
+                    kernel=vtu_attention_fwd_kernel, signature=sig, constexprs=consts,
+                    specialize={"divisible_by_16": divisible, "equal_to_1": unit}, vectorized_loads=dim % 16 == 0,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], archs=[arch],
+                    name=f"vtu_attention_fwd D={dim} G={heads} {names[dtype]} cos {names[cs_dtype]} "
+                         f"BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} w={cfg['num_warps']}",
+                ))
     grp = grouping_config()
     specs.append(dict(
         kernel=vtu_group_rows_kernel,
@@ -208,18 +271,27 @@ def _specs():
                    "ORDER": "*i32", "stride_mb": "i32", "stride_mn": "i32", "num_merged": "i32",
                    "num_full": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"},
         constexprs=dict(BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"]), num_warps=4,
+        specialize={"divisible_by_16": ["POS_MAP", "FULL_LEN", "ROW_START", "ROW_COUNT", "ORDER"],
+                    "equal_to_1": ["stride_mn"]},
         name="vtu_group_rows",
     ))
+    finish_args = ["stride_outb", "stride_outh", "stride_outn", "stride_outd", "num_heads", "num_merged", "num_tiles"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim in (64, 80, 128):
-            merge_args = ["stride_ob", "stride_on", "stride_outb", "stride_outh",
-                          "stride_outn", "stride_outd", "num_heads", "num_merged", "num_full"]
-            sig = {"O": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "ORDER": "*i32", "OUT": ptr[dtype]}
-            sig.update({name: "i32" for name in merge_args})
-            consts = dict(HEAD_DIM=dim, BLOCK_J=grp["BLOCK_J"], BLOCK_C=grp["BLOCK_C"])
+        for dim, group in _SPEC_SHAPES:
+            if group != 1 and dim in (64, 128):
+                continue
+            cfg = attention_config(dim, dtype)
+            heads = group_heads(group, cfg["BLOCK_M"])
+            sig = {"SIDE": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "OUT": ptr[dtype]}
+            sig.update({name: "i32" for name in finish_args})
+            consts = dict(HEAD_DIM=dim, BLOCK_S=cfg["BLOCK_M"] // heads, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
             sig.update({name: "constexpr" for name in consts})
-            specs.append(dict(kernel=vtu_merge_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
-                              name=f"vtu_merge_rows D={dim} {names[dtype]}"))
+            divisible = ["SIDE", "ROW_START", "ROW_COUNT", "OUT"]
+            if dim % 16 == 0:
+                divisible += ["stride_outb", "stride_outh", "stride_outn"]
+            specs.append(dict(kernel=vtu_finish_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
+                              specialize={"divisible_by_16": divisible, "equal_to_1": ["stride_outd"]},
+                              name=f"vtu_finish_rows D={dim} {names[dtype]}"))
     return specs
 
 

@@ -2,34 +2,44 @@
 
 Three kernels, in the order they run:
 
-1. ``vtu_attention_fwd_kernel``: FlashAttention-2-style forward over the *full* positions.
-   One program = BLOCK_M full query positions of one (batch, query head). Query and key rows
-   are gathered through ``pos_map`` and rotated (RoPE) at their own positions in registers,
-   in fp32; online softmax in fp32 with exp2. Writes the per-position output
-   o [B, Nf, Hq, D] fp32 (the size of SDPA's own output; nothing full-length else is stored).
-2. ``vtu_group_rows_kernel``: a stable counting sort of the valid positions by merged row,
+1. ``vtu_group_rows_kernel``: a stable counting sort of the valid positions by merged row,
    without atomics or a host sync: for BLOCK_R merged rows it scans the map twice (count,
    then place with an in-tile cumsum). Output: row_start/row_count [B, Nu] and the positions
-   grouped by row in increasing order, order [B, Nf]. Work O(Nu * Nf) compares per image,
+   grouped by row in increasing order, order [B, Nf]. Map entries of valid positions outside
+   [0, Nu) are clamped into it (the reference's rule). Work O(Nu * Nf) compares per image,
    vectorised BLOCK_R x BLOCK_P (negligible next to the N_full^2 * D attention).
-3. ``vtu_merge_rows_kernel``: for each (merged row, batch, block of head x dim columns) the
-   mean of o over the row's positions, summed in position order (bit-identical run to run);
-   rows with no valid position are written as 0.
+2. ``vtu_attention_fwd_kernel``: FlashAttention-2-style forward over the full positions taken
+   in merged-row order (``order``). One program = BLOCK_S query slots x GROUP_HEADS query
+   heads of one KV head (tile row m = head m // BLOCK_S, slot m % BLOCK_S), so each K/V tile
+   is gathered through ``pos_map`` and rotated (RoPE, fp32, in registers) once for the whole
+   GQA group, or once per chunk of GROUP_HEADS <= BLOCK_M // 16 heads for larger groups
+   (Qwen2's 7:1 takes 2 programs at BLOCK_M = 64, 4 at 32), so a tile keeps >= 16 slots. Online softmax in fp32 with exp2. Key tiles below the tile's smallest query
+   position run unmasked; the rest are masked by where-selects (hidden NaN/inf K or V never
+   leak; a non-finite V at a visible key makes that query's output NaN). Epilogue: the
+   slots' outputs summed per merged-row run by a segmented scan (fixed order); rows wholly
+   inside the tile get their mean written to the output, straddling rows leave partial sums
+   in a small fp32 side buffer.
+3. ``vtu_finish_rows_kernel``: per merged row, the straddling rows' partials summed in tile
+   order and divided by the count; rows with no valid position written as 0.
+
+Everything is bit-identical run to run (no atomics, fixed reduction orders).
 
 Limitations:
 - Head dim D must be even and <= 128; the two RoPE halves are padded separately to a power
   of two >= 16 (D = 72/80/96 use 2 x 64 columns, D <= 32 use 2 x 16).
-- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs.
-- Every query-tile program gathers and re-rotates every key tile it reads (rotated copies are
-  never stored): about 6 fp32 FLOPs per key element per tile, on CUDA cores, next to the
-  tensor-core dots; with GQA the query heads of one group each redo it (packing a group into
-  one program would share it: not done yet). The rotated key tile lives in registers, which
-  is what limits BLOCK_N (see ``attention_config``).
-- Offsets inside one (batch, head) slice are int32 (the launcher checks the span < 2**31).
-- Map entries of valid positions outside [0, Nu) are not an error here (the op layer checks
-  them when validation is on); the kernels load zeros for them (or, in unmasked key tiles,
-  clamp them into [0, Nu)) and never read or write out of bounds; such a position belongs
-  to no merged row.
+- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs. fp16/bf16
+  dots round rotated q/k and p to the input dtype (fp32 accumulation); the bf16 error is
+  within 2x of HF's own bf16 path (tests/test_vtu_bf16_emulation.py).
+- Queries in merged-row order: a tile's positions are scattered (a DToMe group spans the
+  image), so the causal bound of a tile is its largest position and every key tile above its
+  smallest position is masked: up to ~2x the score work of position order when groups are
+  spread over long spans (the price of re-merging in the epilogue instead of in memory).
+- Every key tile is gathered and re-rotated by every query-tile program (rotated copies are
+  never stored): about 6 fp32 FLOPs per key element per tile on CUDA cores; the rotated key
+  tile and the epilogue scan are what bound BLOCK_M/BLOCK_N (see ``attention_config``).
+- A non-finite V at a visible key turns the whole output row NaN (not only its column).
+- Offsets inside one (batch, head) slice, and within one image's output and side buffer,
+  are int32 (the launcher checks the spans < 2**31).
 - Inference only (no backward).
 """
 
@@ -85,121 +95,140 @@ def _load_rotated(
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for hidden scores (exp2(NEG - m) == 0, and no inf - inf)
+
+
+@triton.jit
+def _seg_add(a, a_first, b, b_first):
+    """Segmented sum: restart at every element flagged as the first of its run."""
+    return tl.where(b_first != 0, b, a + b), tl.maximum(a_first, b_first)
+
+
 @triton.jit
 def _attn_inner(
-    acc, l_i, m_i, q1, q2, offs_m,
+    acc, l_i, m_i, bad, q1, q2, pos_m,
     k_base, v_base, cos_base, sin_base, map_base,
     stride_kn, stride_kd, stride_vn, stride_vd,
     stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
-    lo, hi, num_merged, qk_scale,
+    lo, hi, length, num_merged, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Stream key tiles [lo, hi) into the online-softmax state (acc, l_i, m_i).
+    """Stream key tiles [lo, hi) into the online-softmax state (acc, l_i, m_i, bad).
 
-    MASKED=False is for tiles entirely below the causal diagonal and entirely < hi: no score
-    mask at all. MASKED=True masks keys >= hi (hi = the image's length there) and, when
-    CAUSAL, keys after the query.
+    MASKED=False: every key of the tiles is a valid position visible to every query of the
+    program (no mask at all). MASKED=True: keys >= length and, when CAUSAL, keys after the
+    query are hidden; hidden scores are where-selected away (a NaN/inf key never leaks) and
+    V enters the P.V dot with non-finite entries zeroed, while ``bad`` records queries that
+    see a non-finite V at a visible key (their output is NaN).
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASKED:
-            n_ok = offs_n < hi
+            n_ok = offs_n < length
             rows_n = tl.load(map_base + offs_n * stride_mn, mask=n_ok, other=0)
-            rows_ok = n_ok & (rows_n >= 0) & (rows_n < num_merged)
-        else:  # valid positions: clamping only guards against a bad map (never out of bounds)
+        else:
             n_ok = offs_n < hi
             rows_n = tl.load(map_base + offs_n * stride_mn)
-            rows_n = tl.minimum(tl.maximum(rows_n, 0), num_merged - 1)
-            rows_ok = n_ok
+        # Clamp like the reference: a bad map entry reads row 0 or Nu - 1, never out of bounds.
+        rows_n = tl.minimum(tl.maximum(rows_n, 0), num_merged - 1)
         k1, k2 = _load_rotated(
-            k_base, rows_n, rows_ok, stride_kn, stride_kd,
+            k_base, rows_n, n_ok, stride_kn, stride_kd,
             cos_base, sin_base, offs_n, n_ok, stride_cn, stride_cd, stride_sn, stride_sd,
             HEAD_DIM, BLOCK_HALF, MASKED,
         )
         qk = tl.dot(q1, tl.trans(k1.to(DOT_DTYPE)), input_precision=INPUT_PRECISION)
         qk = tl.dot(q2, tl.trans(k2.to(DOT_DTYPE)), qk, input_precision=INPUT_PRECISION)
+        v_ptr = v_base + (rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
         if MASKED:
-            visible = n_ok[None, :]
+            visible = n_ok[None, :] & (pos_m[:, None] >= 0)
             if CAUSAL:
-                visible = visible & (offs_m[:, None] >= offs_n[None, :])
-            qk = qk * qk_scale + tl.where(visible, 0.0, -1.0e6)
+                visible = visible & (pos_m[:, None] >= offs_n[None, :])
+            qk = tl.where(visible, qk * qk_scale, NEG)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_ij[:, None]
+            v = tl.load(v_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            v_finite = tl.abs(v) < float("inf")  # False for NaN and +-inf
+            v_bad = tl.max(tl.where(v_finite, 0, 1), 1)
+            bad = tl.maximum(bad, tl.max(tl.where(visible, v_bad[None, :], 0), 1))
+            v = tl.where(v_finite, v, 0.0)
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             qk = qk * qk_scale - m_ij[:, None]
+            if BLOCK_D != HEAD_DIM:
+                v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0).to(tl.float32)
+            else:
+                v = tl.load(v_ptr).to(tl.float32)
         p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptr = v_base + (rows_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-        if MASKED:
-            v = tl.load(v_ptr, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptr)
-        v = v.to(DOT_DTYPE)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(DOT_DTYPE), v, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         m_i = m_ij
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad
 
 
-@triton.jit(
-    do_not_specialize=[
-        "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh",
-        "stride_cb", "stride_sb", "stride_mb", "stride_ob", "stride_oh",
-        "num_heads", "num_kv_groups", "num_merged", "num_full", "qk_scale",
-    ]
-)
+@triton.jit(do_not_specialize=["num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale"])
 def vtu_attention_fwd_kernel(
-    Q, K, V, COS, SIN, POS_MAP, FULL_LEN, O,
+    Q, K, V, COS, SIN, POS_MAP, FULL_LEN, ORDER, ROW_START, ROW_COUNT, OUT, SIDE,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_cb, stride_cn, stride_cd,
     stride_sb, stride_sn, stride_sd,
     stride_mb, stride_mn,
-    stride_ob, stride_oh, stride_on,
-    num_heads, num_kv_groups, num_merged, num_full, qk_scale,
+    stride_outb, stride_outh, stride_outn, stride_outd,
+    num_heads, num_kv_groups, num_merged, num_full, num_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_HEADS: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """o[b, h, i] = softmax-attention output of full position i (rows >= full_lengths untouched).
+    """Attention of BLOCK_S = BLOCK_M // GROUP_HEADS query slots (positions in merged-row
+    order) x GROUP_HEADS query heads of one KV head, re-merged in the epilogue.
 
-    Grid: (cdiv(Nf, BLOCK_M), B * Hq). BLOCK_M % BLOCK_N == 0. qk_scale = scale * log2(e).
-    DOT_FP32: dot operands in fp32 (fp32 inputs, and the interpreter, which has no bf16 dot);
-    otherwise in the input dtype with fp32 accumulation.
+    Grid: (num_tiles = cdiv(Nf, BLOCK_S), B * Hkv * cdiv(group, GROUP_HEADS)). Tile row m is
+    head m // BLOCK_S of the chunk and slot m % BLOCK_S, so the K/V tile gathered and rotated
+    once serves every head. Merged rows wholly inside the tile get their mean written to OUT;
+    a row that straddles tiles leaves its partial sum in SIDE [B, Hq, num_tiles, 2, D] fp32
+    (slot 0: the run holding the tile's first slot, slot 1: the last run) for
+    ``vtu_finish_rows_kernel``. qk_scale = scale * log2(e).
     """
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    kv_h = h // num_kv_groups
+    BLOCK_S: tl.constexpr = BLOCK_M // GROUP_HEADS
+    tile = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_chunks = tl.cdiv(num_kv_groups, GROUP_HEADS)
+    num_kv_heads = num_heads // num_kv_groups
+    b = (pid // (num_kv_heads * num_chunks)).to(tl.int64)
+    kv_h = (pid // num_chunks) % num_kv_heads
+    chunk = pid % num_chunks
     length = tl.minimum(tl.load(FULL_LEN + b), num_full)
-    if start_m >= length:
+    tile_start = tile * BLOCK_S
+    if tile_start >= length:
         return
     if DOT_FP32:
         DOT_DTYPE: tl.constexpr = tl.float32
     else:
         DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
 
+    offs_m = tl.arange(0, BLOCK_M)
+    head_in_group = chunk * GROUP_HEADS + offs_m // BLOCK_S
+    head = kv_h * num_kv_groups + head_in_group
+    slot = tile_start + offs_m % BLOCK_S
+    m_ok = (slot < length) & (head_in_group < num_kv_groups)
+    pos_m = tl.load(ORDER + b * num_full + slot, mask=m_ok, other=-1)
+    pos_m = tl.where(m_ok, pos_m, -1)
     map_base = POS_MAP + b * stride_mb
+    rows_m = tl.load(map_base + pos_m * stride_mn, mask=m_ok, other=0)
+    rows_m = tl.minimum(tl.maximum(rows_m, 0), num_merged - 1)
     cos_base = COS + b * stride_cb
     sin_base = SIN + b * stride_sb
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < length
-    rows_m = tl.load(map_base + offs_m * stride_mn, mask=m_ok, other=0)
-    rows_ok = m_ok & (rows_m >= 0) & (rows_m < num_merged)
+    q_rows = head.to(tl.int64) * stride_qh + rows_m * stride_qn
     q1, q2 = _load_rotated(
-        Q + b * stride_qb + h.to(tl.int64) * stride_qh, rows_m, rows_ok, stride_qn, stride_qd,
-        cos_base, sin_base, offs_m, m_ok, stride_cn, stride_cd, stride_sn, stride_sd,
+        Q + b * stride_qb, q_rows, m_ok, 1, stride_qd,
+        cos_base, sin_base, pos_m, m_ok, stride_cn, stride_cd, stride_sn, stride_sd,
         HEAD_DIM, BLOCK_HALF, True,
     )
     q1 = q1.to(DOT_DTYPE)
@@ -207,34 +236,57 @@ def vtu_attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + kv_h.to(tl.int64) * stride_kh
     v_base = V + b * stride_vb + kv_h.to(tl.int64) * stride_vh
     if CAUSAL:
-        split = start_m  # key tiles wholly below the diagonal: no mask
-        hi = tl.minimum(start_m + BLOCK_M, length)
+        first_pos = tl.min(tl.where(m_ok, pos_m, num_full), 0)
+        split = (first_pos // BLOCK_N) * BLOCK_N  # keys < every query of the tile: no mask
+        hi = tl.max(pos_m, 0) + 1
     else:
         split = (length // BLOCK_N) * BLOCK_N  # whole tiles of valid keys: no mask
         hi = length
-    acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, cos_base, sin_base, map_base,
+    acc, l_i, m_i, bad = _attn_inner(
+        acc, l_i, m_i, bad, q1, q2, pos_m, k_base, v_base, cos_base, sin_base, map_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
-        0, split, num_merged, qk_scale,
+        0, split, length, num_merged, qk_scale,
         False, CAUSAL, HEAD_DIM, BLOCK_HALF, BLOCK_D, BLOCK_N, DOT_DTYPE, INPUT_PRECISION,
     )
-    acc, l_i, m_i = _attn_inner(
-        acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, cos_base, sin_base, map_base,
+    acc, l_i, m_i, bad = _attn_inner(
+        acc, l_i, m_i, bad, q1, q2, pos_m, k_base, v_base, cos_base, sin_base, map_base,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
-        split, hi, num_merged, qk_scale,
+        split, hi, length, num_merged, qk_scale,
         True, CAUSAL, HEAD_DIM, BLOCK_HALF, BLOCK_D, BLOCK_N, DOT_DTYPE, INPUT_PRECISION,
     )
-    acc = acc / l_i[:, None]
+    o = acc / l_i[:, None]
+    o = tl.where(bad[:, None] != 0, float("nan"), o)
+
+    # Epilogue: slots are sorted by merged row, so each row is one run of consecutive slots.
+    row_start = tl.load(ROW_START + b * num_merged + rows_m, mask=m_ok, other=0)
+    row_count = tl.load(ROW_COUNT + b * num_merged + rows_m, mask=m_ok, other=1)
+    in_tile = offs_m % BLOCK_S
+    first = (slot == row_start) | (in_tile == 0)
+    last = (slot == row_start + row_count - 1) | (in_tile == BLOCK_S - 1)
     offs_d = tl.arange(0, BLOCK_D)
-    o_ptr = O + b * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :]
-    tl.store(o_ptr, acc, mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    first_2d = tl.where(first[:, None] & (offs_d[None, :] >= 0), 1, 0).to(tl.int8)
+    sums, _ = tl.associative_scan((o, first_2d), 0, _seg_add)
+    complete = (row_start >= tile_start) & (row_start + row_count <= tile_start + BLOCK_S)
+    write = m_ok & last
+    d_ok = offs_d[None, :] < HEAD_DIM
+    # int32 offsets from per-image bases (one image's output and side buffer are < 2**31
+    # elements, checked by the launcher): half the registers of 64-bit pointer tiles.
+    out_row = head * stride_outh + rows_m * stride_outn
+    mean = sums / row_count[:, None].to(tl.float32)
+    tl.store(OUT + b * stride_outb + (out_row[:, None] + offs_d[None, :] * stride_outd),
+             mean.to(OUT.dtype.element_ty), mask=(write & complete)[:, None] & d_ok)
+    which = (row_start > tile_start).to(tl.int32)
+    side_row = ((head * num_tiles + tile) * 2 + which) * HEAD_DIM
+    tl.store(SIDE + b * num_heads * num_tiles * 2 * HEAD_DIM + (side_row[:, None] + offs_d[None, :]), sums,
+             mask=(write & ~complete)[:, None] & d_ok)
 
 
-@triton.jit(do_not_specialize=["stride_mb", "num_merged", "num_full"])
+@triton.jit(do_not_specialize=["num_merged", "num_full"])
 def vtu_group_rows_kernel(
     POS_MAP, FULL_LEN, ROW_START, ROW_COUNT, ORDER,
     stride_mb, stride_mn, num_merged, num_full,
@@ -244,7 +296,9 @@ def vtu_group_rows_kernel(
 
     Grid: (cdiv(Nu, BLOCK_R), B). ROW_START, ROW_COUNT: [B, Nu] int32 contiguous; ORDER:
     [B, Nf] int32 contiguous, ORDER[b, ROW_START[b, r] + j] = j-th position (ascending) that
-    maps to row r. Positions >= full_lengths[b] and map entries outside [0, Nu) are skipped.
+    maps to row r. Positions >= full_lengths[b] are skipped; map entries of valid positions
+    outside [0, Nu) are clamped into it (as the reference does), so the rows' counts add up
+    to the length and ORDER[b, :length] holds every valid position.
     """
     r0 = tl.program_id(0) * BLOCK_R
     b = tl.program_id(1).to(tl.int64)
@@ -255,8 +309,9 @@ def vtu_group_rows_kernel(
     before = tl.zeros([BLOCK_P], dtype=tl.int32)  # valid positions mapping to rows < r0
     for p0 in range(0, length, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        u = tl.load(map_base + offs_p * stride_mn, mask=offs_p < length, other=-1)
-        u = tl.where((u >= 0) & (u < num_merged), u, -1)
+        p_ok = offs_p < length
+        u = tl.load(map_base + offs_p * stride_mn, mask=p_ok, other=0)
+        u = tl.where(p_ok, tl.minimum(tl.maximum(u, 0), num_merged - 1), -1)
         before += ((u >= 0) & (u < r0)).to(tl.int32)
         counts += tl.sum((u[None, :] == rows[:, None]).to(tl.int32), 1)
     starts = tl.sum(before, 0) + tl.cumsum(counts, 0) - counts
@@ -267,45 +322,49 @@ def vtu_group_rows_kernel(
     order_base = ORDER + b * num_full
     for p0 in range(0, length, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        u = tl.load(map_base + offs_p * stride_mn, mask=offs_p < length, other=-1)
+        p_ok = offs_p < length
+        u = tl.load(map_base + offs_p * stride_mn, mask=p_ok, other=0)
+        u = tl.where(p_ok, tl.minimum(tl.maximum(u, 0), num_merged - 1), -1)
         match = (u[None, :] == rows[:, None]).to(tl.int32)
         slot = starts[:, None] + placed[:, None] + tl.cumsum(match, 1) - 1
         tl.store(order_base + slot, offs_p[None, :] + 0 * match, mask=match != 0)
         placed += tl.sum(match, 1)
 
 
-@triton.jit(do_not_specialize=["stride_ob", "stride_outb", "stride_outh", "num_heads", "num_merged", "num_full"])
-def vtu_merge_rows_kernel(
-    O, ROW_START, ROW_COUNT, ORDER, OUT,
-    stride_ob, stride_on,
+@triton.jit(do_not_specialize=["num_heads", "num_merged", "num_tiles"])
+def vtu_finish_rows_kernel(
+    SIDE, ROW_START, ROW_COUNT, OUT,
     stride_outb, stride_outh, stride_outn, stride_outd,
-    num_heads, num_merged, num_full,
-    HEAD_DIM: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    num_heads, num_merged, num_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[b, :, r] = mean of O[b, i] over the positions i of row r, in position order; 0 if none.
+    """OUT rows the attention kernel could not finish: 0 for rows no position maps to, and
+    for rows straddling query tiles the sum of their tile partials (in tile order, so
+    bit-identical run to run) divided by the row's count.
 
-    Grid: (Nu, B, cdiv(Hq * D, BLOCK_C)). O: [B, Nf, Hq, D] fp32 with (Hq, D) contiguous, so a
-    position's outputs of all heads are one row of Hq * D columns; OUT [B, Hq, Nu, D] in the
-    output dtype, any strides.
+    Grid: (Nu, B, cdiv(Hq, BLOCK_H)). Rows wholly inside one tile are left alone.
     """
     r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < num_heads * HEAD_DIM
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
     start = tl.load(ROW_START + b * num_merged + r)
     count = tl.load(ROW_COUNT + b * num_merged + r)
-    o_base = O + b * stride_ob
-    order_base = ORDER + b * num_full + start
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for j0 in range(0, count, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < count
-        pos = tl.load(order_base + offs_j, mask=j_ok, other=0)
-        x = tl.load(o_base + pos[:, None].to(tl.int64) * stride_on + offs_c[None, :],
-                    mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.sum(x, 0)
-    mean = acc / tl.maximum(count, 1).to(tl.float32)
-    head = (offs_c // HEAD_DIM).to(tl.int64)
-    col = offs_c % HEAD_DIM
-    out_ptr = OUT + b * stride_outb + head * stride_outh + r.to(tl.int64) * stride_outn + col * stride_outd
-    tl.store(out_ptr, mean.to(OUT.dtype.element_ty), mask=c_ok)
+    t0 = start // BLOCK_S
+    t1 = (start + count - 1) // BLOCK_S
+    if (count > 0) & (t0 == t1):
+        return
+    side_head = (b * num_heads + offs_h.to(tl.int64)) * num_tiles
+    cols = offs_d[None, :]
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    if count > 0:
+        # In tile t0 the row is the last run (partial slot 1) unless it starts the tile (slot 0).
+        which = (start > t0 * BLOCK_S).to(tl.int64)
+        acc = tl.load(SIDE + ((side_head + t0) * 2 + which)[:, None] * HEAD_DIM + cols, mask=mask, other=0.0)
+        for t in range(t0 + 1, t1 + 1):
+            acc += tl.load(SIDE + ((side_head + t) * 2)[:, None] * HEAD_DIM + cols, mask=mask, other=0.0)
+        acc = acc / count.to(tl.float32)
+    out_ptr = (OUT + b * stride_outb + offs_h[:, None].to(tl.int64) * stride_outh
+               + r.to(tl.int64) * stride_outn + offs_d[None, :] * stride_outd)
+    tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=mask)
