@@ -26,6 +26,8 @@ FAMILIES = {
     "dtome_merge": "dtome",
     "batch_threshold": "dtome",
     "vtu_attention": "vtu",
+    "dtome_merge_varlen": "varlen",
+    "proportional_attention_varlen": "varlen",
 }
 
 

@@ -1,0 +1,5 @@
+"""Packed variable-length DToMe (issue 12): images concatenated row-wise with ``cu_seqlens``.
+
+``reference`` (pure PyTorch, the spec), ``native`` (csrc/varlen_cpu.cpp). The public wrappers
+are ``dk.dtome_merge_varlen`` and ``dk.proportional_attention_varlen`` in ``dymu_kernels.api``.
+"""
