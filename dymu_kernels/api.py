@@ -411,6 +411,7 @@ def proportional_attention_varlen(
     cu_seqlens: torch.Tensor,
     *,
     scale: Optional[float] = None,
+    max_seqlen: Optional[int] = None,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> torch.Tensor:
@@ -425,6 +426,10 @@ def proportional_attention_varlen(
         size: [T] float sizes of the keys (None: all ones); a key of size 0 is masked.
         cu_seqlens: [B + 1] int32 offsets: 0, non-decreasing, total <= T.
         scale: softmax scale (default D ** -0.5).
+        max_seqlen: optional host int, an upper bound on every image's length (flash-attention's
+            max_seqlen); it sizes the Triton grid (default T). A bound below a real length is an
+            error for CPU tensors (and GPU ones with validation on); unchecked, rows past it
+            would stay unwritten.
 
     Returns:
         out [T, H, D] in q.dtype; rows past the total, and rows of an image whose keys all have
@@ -450,4 +455,14 @@ def proportional_attention_varlen(
         raise ValueError(f"size must have shape ({num_rows},) like q's [T], got {tuple(size.shape)}")
     cu_seqlens = _cu_seqlens(cu_seqlens, num_rows, device, validate)
     scale = float(dim**-0.5 if scale is None else scale)
-    return _run("proportional_attention_varlen", device, backend, q, k, v, size.float(), cu_seqlens, scale)
+    if max_seqlen is None:
+        max_seqlen = num_rows
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be None or an int >= 1 (a bound on every image's length), got {max_seqlen!r}")
+    if check.values_checkable(cu_seqlens, validate):
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} is below the longest image's length {longest} (from cu_seqlens)")
+    return _run(
+        "proportional_attention_varlen", device, backend, q, k, v, size.float(), cu_seqlens, scale, min(max_seqlen, num_rows)
+    )

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-MODULES = ("dymu_kernels.dtome.triton", "dymu_kernels.vtu.triton")
+MODULES = ("dymu_kernels.dtome.triton", "dymu_kernels.vtu.triton", "dymu_kernels.varlen.triton")
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in max)
 
 

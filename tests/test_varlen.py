@@ -241,3 +241,20 @@ def test_varlen_ops_under_fake_tensor_mode(backend):
         q = torch.randn(10, 2, 8)
         out = dk.proportional_attention_varlen(q, q, q, size, cu, backend=backend)
         assert out.shape == (10, 2, 8)
+
+
+@pytest.mark.parametrize("backend", backend_params("proportional_attention_varlen"))
+def test_attention_varlen_max_seqlen_bound(backend):
+    """max_seqlen (a host bound on every image's length) gives the same result; a bound below a
+    real length is rejected for CPU tensors."""
+    lens = [20, 3, 17]
+    q, k, v, size, cu = _attention_inputs(lens, 2, 16, torch.float32, seed=9)
+    device = device_for(backend)
+    args = [t.to(device) for t in (q, k, v, size, cu)]
+    a = dk.proportional_attention_varlen(*args, backend=backend)
+    b = dk.proportional_attention_varlen(*args, max_seqlen=20, backend=backend)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=19, backend=backend)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=0, backend=backend)

@@ -57,10 +57,11 @@ def dtome_merge_varlen(
 
 
 def proportional_attention_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    max_seqlen: int = 0,
 ) -> torch.Tensor:
     """q, k, v [T, H, D] one float dtype, size [T] float32, cu_seqlens [B + 1] int32 -> out [T, H, D]
-    in q.dtype (see ``dk.proportional_attention_varlen``)."""
+    in q.dtype (see ``dk.proportional_attention_varlen``; max_seqlen is not needed here)."""
     out = _alloc.empty(q.shape, q.dtype, q.device)
     torch.ops.dymu.native_proportional_attention_varlen(
         q.contiguous(), k.contiguous(), v.contiguous(), size.contiguous(), cu_seqlens.contiguous(), float(scale), out

@@ -125,12 +125,13 @@ def dtome_merge_varlen(
 
 
 def proportional_attention_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    max_seqlen: int = 0,
 ) -> torch.Tensor:
     """Block-diagonal attention with the log-size key bias; see ``dk.proportional_attention_varlen``.
 
     Dense [H, T, T] masked fp32 scores (the spec, not a fast path). Query rows past the total, and
-    rows whose image has no key of positive size, come out as zero.
+    rows whose image has no key of positive size, come out as zero. max_seqlen is ignored here.
     """
     num_rows = q.shape[0]
     seg, _, valid = segments(cu_seqlens, num_rows)
