@@ -1,0 +1,190 @@
+"""Packed variable-length DToMe (issue 12): attention and encoder wall-clock, as ratios in one run.
+
+1. ``proportional_attention_varlen`` per backend against what the padded encoder runs: SDPA on
+   the batch padded to its longest image with the float log-size mask [B, 1, 1, N] (-inf on
+   padding). Shapes: CLIP ViT-L/14-336 (N=577, 16 heads of 64) and SigLIP SO400M (N=729, 16 heads
+   of 72). Lengths per image spread evenly over [0.35 N, N] (the spread of kept fractions that
+   the shipped mid thresholds give on the demo photos is about 0.4-1.0), sizes summing to N.
+   B = 8 and 64 on a GPU; on a CPU only B = 8 (B = 64 masked SDPA takes seconds per call there).
+2. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
+   padded, the unmerged loop (every threshold +inf) and the stock HF model, plus the FLOP-ideal
+   speedup over the unmerged loop from the per-block lengths (q/k/v/out projections and
+   attention on the rows entering the block, MLP on the rows after its merge).
+   ``test_encoder_summary`` prints the ratios and writes them to ``results/varlen_encoder.json``.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import dymu_kernels as dk
+from harness import DEVICE, kernel_backends, sync
+
+ATTN_SHAPES = {"CLIP-L/14-336": (577, 16, 64), "SigLIP-SO400M": (729, 16, 72)}
+ATTN_BATCHES = (8, 64) if DEVICE.type == "cuda" else (8,)
+ATTN_IMPLS = ["sdpa-masked-padded"] + [b for b in kernel_backends("proportional_attention_varlen") if b != "reference"]
+SETTINGS = ("low", "mid", "high")
+_MEDIANS = {}
+
+
+def attention_inputs(shape: str, batch: int, dtype):
+    n, heads, dim = ATTN_SHAPES[shape]
+    g = torch.Generator().manual_seed(batch)
+    lengths = torch.linspace(0.35 * n, n, batch).round().long()
+    lengths = lengths[torch.randperm(batch, generator=g)]
+    sizes = []
+    for t in lengths.tolist():  # t rows standing for n patches: sizes >= 1 summing to n
+        s = torch.ones(t)
+        s.index_add_(0, torch.randint(0, t, (n - t,), generator=g), torch.ones(n - t))
+        sizes.append(s)
+    total = int(lengths.sum())
+    q, k, v = (torch.randn(total, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(3))
+    size = torch.cat(sizes).to(DEVICE)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32).to(DEVICE)
+    longest = int(lengths.max())
+    # the padded batch of the old path
+    rows = cu[:-1, None].long() + torch.arange(longest, device=DEVICE)
+    valid = rows < cu[1:, None]
+    rows = rows.clamp_max(total - 1)
+    pad = [t[rows].transpose(1, 2).contiguous() for t in (q, k, v)]  # [B, H, Nmax, D]
+    bias = torch.where(valid, size[rows].log(), float("-inf"))[:, None, None, :].to(dtype)
+    return (q, k, v, size, cu, longest), (pad, bias)
+
+
+@pytest.mark.parametrize("impl", ATTN_IMPLS)
+@pytest.mark.parametrize("batch", ATTN_BATCHES)
+@pytest.mark.parametrize("shape", list(ATTN_SHAPES))
+def test_attention_varlen(benchmark, shape, batch, impl):
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    (q, k, v, size, cu, longest), (pad, bias) = attention_inputs(shape, batch, dtype)
+    if impl == "sdpa-masked-padded":
+        def run():
+            out = torch.nn.functional.scaled_dot_product_attention(*pad, attn_mask=bias)
+            sync()
+            return out
+    else:
+        def run():
+            out = dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=longest, backend=impl)
+            sync()
+            return out
+    benchmark.group = f"proportional_attention_varlen {shape} B={batch}"
+    benchmark.extra_info.update(impl=impl, op="proportional_attention_varlen", shape=f"{shape} B={batch}",
+                                device=str(DEVICE), dtype=str(dtype), rows=int(cu[-1]), padded_rows=batch * longest)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        _MEDIANS[("attn", shape, batch, impl)] = benchmark.stats.stats.median
+
+
+# ------------------------------------------------------------------ encoder on the demo photos
+
+
+@pytest.fixture(scope="module")
+def demo():
+    pytest.importorskip("transformers")
+    from dymu.assets import load_dinov2
+    from dymu.calibration import load_thresholds
+    from dymu.demo import thresholds_path
+    from dymu.photos import load_photos
+
+    vit, preprocess = load_dinov2(device=DEVICE)
+    pixels = preprocess([img for _, img in load_photos()]).to(DEVICE)
+    thresholds = {s: load_thresholds(thresholds_path(s), num_layers=vit.config.num_hidden_layers) for s in SETTINGS}
+    return vit, pixels, thresholds
+
+
+def block_flops(rows_in, rows_out, dim: int, mlp_dim: int) -> float:
+    """FLOPs of one block: q/k/v/out projections and attention on the rows entering it (per
+    image), the MLP on the rows after its merge."""
+    rows_in, rows_out = rows_in.double(), rows_out.double()
+    proj = 2 * 4 * dim * dim * rows_in.sum()
+    attn = 2 * 2 * dim * (rows_in**2).sum()
+    mlp = 2 * 2 * dim * mlp_dim * rows_out.sum()
+    return float(proj + attn + mlp)
+
+
+def flop_ideal_speedup(layer_lengths, n0: int, dim: int, mlp_dim: int) -> float:
+    bsz = layer_lengths.shape[1]
+    full = torch.full((bsz,), n0)
+    unmerged = sum(block_flops(full, full, dim, mlp_dim) for _ in range(layer_lengths.shape[0]))
+    merged, rows = 0.0, full
+    for after in layer_lengths:
+        merged += block_flops(rows, after, dim, mlp_dim)
+        rows = after
+    return unmerged / merged
+
+
+ENCODER_CASES = [("stock-hf", None), ("unmerged-loop", None)] + [(impl, s) for s in SETTINGS for impl in ("packed", "padded")]
+
+
+@pytest.mark.parametrize("impl, setting", ENCODER_CASES, ids=[f"{i}-{s}" if s else i for i, s in ENCODER_CASES])
+def test_encoder_demo_photos(benchmark, demo, impl, setting):
+    from dymu import DToMeEncoder
+
+    vit, pixels, thresholds = demo
+    if impl == "stock-hf":
+        encoder = lambda p: vit(pixel_values=p)  # noqa: E731
+    elif impl == "unmerged-loop":
+        encoder = DToMeEncoder(vit, math.inf, layout="padded")
+    else:
+        encoder = DToMeEncoder(vit, thresholds[setting], layout=impl)
+
+    def run():
+        with torch.no_grad():
+            out = encoder(pixels)
+        sync()
+        return out
+
+    benchmark.group = "DToMeEncoder, 13 demo photos (DINOv2-S/14)"
+    benchmark.extra_info.update(impl=impl, setting=setting, op="encoder", shape="13 photos", device=str(DEVICE))
+    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        _MEDIANS[("enc", impl, setting)] = benchmark.stats.stats.median
+    if impl == "packed":
+        cfg = vit.config
+        mlp_dim = int(cfg.hidden_size * cfg.mlp_ratio)
+        ideal = flop_ideal_speedup(out.layer_lengths.cpu(), out.pos_map.shape[1], cfg.hidden_size, mlp_dim)
+        ll = out.layer_lengths.float().cpu()
+        _MEDIANS[("ideal", setting)] = ideal
+        _MEDIANS[("rows", setting)] = (float((ll.sum(1) / out.pos_map.numel()).mean()),
+                                       float((ll.max(1).values * ll.shape[1] / out.pos_map.numel()).mean()))
+
+
+def test_encoder_summary():
+    """Ratios of the run above (needs --benchmark-enable); written to results/varlen_encoder.json."""
+    if ("enc", "unmerged-loop", None) not in _MEDIANS:
+        pytest.skip("benchmarks disabled or the encoder cases did not run")
+    base = _MEDIANS[("enc", "unmerged-loop", None)]
+    summary = {"device": str(DEVICE), "threads": torch.get_num_threads(),
+               "stock_hf_s": _MEDIANS.get(("enc", "stock-hf", None)), "unmerged_loop_s": base, "settings": {}}
+    lines = ["| setting | rows kept / processed padded | packed | padded | packed vs padded | speedup vs unmerged | FLOP-ideal | % of ideal |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in SETTINGS:
+        packed, padded = _MEDIANS.get(("enc", "packed", s)), _MEDIANS.get(("enc", "padded", s))
+        if packed is None or padded is None:
+            continue
+        ideal = _MEDIANS[("ideal", s)]
+        kept, processed = _MEDIANS[("rows", s)]
+        speed = base / packed
+        summary["settings"][s] = dict(packed_s=packed, padded_s=padded, packed_vs_padded=padded / packed,
+                                      speedup_vs_unmerged=speed, flop_ideal=ideal, fraction_of_ideal=speed / ideal,
+                                      rows_kept=kept, rows_processed_padded=processed)
+        lines.append(f"| {s} | {kept:.2f} / {processed:.2f} | {packed * 1e3:.0f} ms | {padded * 1e3:.0f} ms | "
+                     f"{padded / packed:.2f}x | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
+    attn = {}
+    for key, value in _MEDIANS.items():
+        if key[0] == "attn":
+            attn.setdefault(f"{key[1]} B={key[2]}", {})[key[3]] = value
+    summary["attention_s"] = attn
+    for label, impls in attn.items():
+        base_attn = impls.get("sdpa-masked-padded")
+        for impl, t in impls.items():
+            if impl != "sdpa-masked-padded" and base_attn:
+                lines.append(f"attention {label}: {impl} {t * 1e3:.1f} ms vs masked SDPA {base_attn * 1e3:.1f} ms "
+                             f"({base_attn / t:.2f}x)")
+    print("\n" + "\n".join(lines))
+    folder = os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(folder, "varlen_encoder.json"), "w") as f:
+        json.dump(summary, f, indent=2)
