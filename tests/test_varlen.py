@@ -258,3 +258,13 @@ def test_attention_varlen_max_seqlen_bound(backend):
         dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=19, backend=backend)
     with pytest.raises(ValueError, match="max_seqlen"):
         dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=0, backend=backend)
+
+
+def test_reference_on_meta_tensors():
+    x, metric, size = torch.randn(10, 6, device="meta"), torch.randn(10, 4, device="meta"), torch.ones(10, device="meta")
+    cu = torch.empty(4, dtype=torch.int32, device="meta")
+    res = dk.dtome_merge_varlen(x, metric, size, cu, 0.5, backend="reference")
+    assert res.x.shape == (10, 6) and res.cu_seqlens.shape == (4,) and res.row_map.shape == (10,)
+    q = torch.randn(10, 2, 8, device="meta", dtype=torch.bfloat16)
+    out = dk.proportional_attention_varlen(q, q, q, size, cu, backend="reference")
+    assert out.shape == (10, 2, 8) and out.dtype == torch.bfloat16
