@@ -351,6 +351,7 @@ def dtome_merge_varlen(
     *,
     pos_map: Optional[torch.Tensor] = None,
     protect_first: bool = False,
+    max_seqlen: Optional[int] = None,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
 ) -> DToMeVarlenResult:
@@ -366,6 +367,9 @@ def dtome_merge_varlen(
         pos_map: optional int tensor of any shape ([B, N0] or [T0] ...) holding the packed row in
             [-1, T) of every original token; returned composed with this step's row_map.
         protect_first: the first row of every image (its CLS token) never merges.
+        max_seqlen: optional host int, an upper bound on every image's length; lets the
+            reference work on [B, max_seqlen] views (O(B * max_seqlen^2)) instead of dense
+            [T, T] scores. A bound below a real length is an error for CPU tensors.
 
     Returns:
         DToMeVarlenResult(x [T, D] x.dtype, size [T] float32, cu_seqlens [B + 1] int32 (new),
@@ -398,8 +402,10 @@ def dtome_merge_varlen(
             raise TypeError("pos_map must be an int32/int64 tensor of packed rows (e.g. [B, N0])")
         check.index_range("pos_map", pos_map, -1, num_rows, validate)
         pos_map = pos_map.to(torch.int32)
+    bound = _max_seqlen(max_seqlen, cu_seqlens, num_rows, validate)
     return _run(
-        "dtome_merge_varlen", device, backend, x, metric, size.float(), cu_seqlens, tau, pos_map, bool(protect_first)
+        "dtome_merge_varlen", device, backend, x, metric, size.float(), cu_seqlens, tau, pos_map, bool(protect_first),
+        bound,
     )
 
 
@@ -455,14 +461,18 @@ def proportional_attention_varlen(
         raise ValueError(f"size must have shape ({num_rows},) like q's [T], got {tuple(size.shape)}")
     cu_seqlens = _cu_seqlens(cu_seqlens, num_rows, device, validate)
     scale = float(dim**-0.5 if scale is None else scale)
+    bound = _max_seqlen(max_seqlen, cu_seqlens, num_rows, validate)
+    return _run("proportional_attention_varlen", device, backend, q, k, v, size.float(), cu_seqlens, scale, bound)
+
+
+def _max_seqlen(max_seqlen: Optional[int], cu_seqlens: torch.Tensor, num_rows: int, validate: Optional[bool]) -> int:
+    """The host bound on every image's length, checked (CPU / validate) and capped at T."""
     if max_seqlen is None:
-        max_seqlen = num_rows
+        return num_rows
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be None or an int >= 1 (a bound on every image's length), got {max_seqlen!r}")
     if check.values_checkable(cu_seqlens, validate):
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen {max_seqlen} is below the longest image's length {longest} (from cu_seqlens)")
-    return _run(
-        "proportional_attention_varlen", device, backend, q, k, v, size.float(), cu_seqlens, scale, min(max_seqlen, num_rows)
-    )
+    return min(max_seqlen, num_rows)

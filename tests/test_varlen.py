@@ -54,7 +54,8 @@ CASES = [
 @pytest.mark.parametrize("protect_first", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tau", [0.3, math.inf, -math.inf, "per_image"])
-def test_merge_varlen_equals_padded(backend, case, protect_first, dtype, tau):
+@pytest.mark.parametrize("bound", [None, "longest"])
+def test_merge_varlen_equals_padded(backend, case, protect_first, dtype, tau, bound):
     n, c, d, lens = case
     bsz = len(lens)
     x, metric, size = make_batch(lens, n, c, d, dtype)
@@ -70,7 +71,8 @@ def test_merge_varlen_equals_padded(backend, case, protect_first, dtype, tau):
     args = [pack(t, lens) for t in (x, metric, size)]
     res = dk.dtome_merge_varlen(*[a.to(device) for a in args], cu.to(device),
                                 threshold.to(device) if torch.is_tensor(threshold) else threshold,
-                                pos_map=pos_packed.to(device), protect_first=protect_first, backend=backend)
+                                pos_map=pos_packed.to(device), protect_first=protect_first,
+                                max_seqlen=max(max(lens), 1) if bound else None, backend=backend)
     res = type(res)(*[t.cpu() if t is not None else None for t in res])
     total = args[0].shape[0]
     assert res.x.shape == (total, d) and res.x.dtype == dtype and res.size.shape == (total,)
@@ -214,6 +216,8 @@ def test_bad_shapes_rejected():
         dk.dtome_merge_varlen(x, metric, size, cu, float("nan"))
     with pytest.raises(ValueError, match="pos_map"):
         dk.dtome_merge_varlen(x, metric, size, cu, 0.5, pos_map=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        dk.dtome_merge_varlen(x, metric, size, cu, 0.5, max_seqlen=2)
     q = torch.randn(6, 2, 4)
     with pytest.raises(ValueError, match="one shape"):
         dk.proportional_attention_varlen(q, q[:, :1], q, size, cu)
@@ -237,6 +241,8 @@ def test_varlen_ops_under_fake_tensor_mode(backend):
         pos = torch.zeros(2, 5, dtype=torch.int32)
         res = dk.dtome_merge_varlen(x, metric, size, cu, 0.5, pos_map=pos, protect_first=True, backend=backend)
         assert res.x.shape == (10, 6) and res.cu_seqlens.shape == (4,) and res.pos_map.shape == (2, 5)
+        res = dk.dtome_merge_varlen(x, metric, size, cu, 0.5, pos_map=pos, max_seqlen=4, backend=backend)
+        assert res.x.shape == (10, 6) and res.row_map.shape == (10,) and res.pos_map.shape == (2, 5)
         assert res.row_map.dtype == torch.int32
         q = torch.randn(10, 2, 8)
         out = dk.proportional_attention_varlen(q, q, q, size, cu, backend=backend)

@@ -38,8 +38,9 @@ def dtome_merge_varlen(
     threshold: torch.Tensor,
     pos_map: Optional[torch.Tensor],
     protect_first: bool,
+    max_seqlen: int = 0,
 ) -> DToMeVarlenResult:
-    """x [T, D] fp16/bf16/fp32, metric [T, C], size [T] float32, cu_seqlens [B + 1] int32,
+    """(max_seqlen is not needed here) x [T, D] fp16/bf16/fp32, metric [T, C], size [T] float32, cu_seqlens [B + 1] int32,
     threshold [B] float32, pos_map (any shape) int32 or None (see ``dk.dtome_merge_varlen``)."""
     num_rows = x.shape[0]
     device = x.device

@@ -51,6 +51,38 @@ def _segment_sum(values: torch.Tensor, seg: torch.Tensor, batch: int) -> torch.T
     return out.scatter_add_(0, seg, values)
 
 
+def _gather_padded(packed: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Packed [T, ...] -> [B, width, ...]: row l of image b = packed row cu[b] + l (clamped; the
+    rows past an image's length are garbage and masked by the padded op's lengths)."""
+    rows = (cu_seqlens[:-1, None].long() + torch.arange(width, device=packed.device)).clamp_max(packed.shape[0] - 1)
+    return packed[rows]
+
+
+def _merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, width):
+    """The same step through the padded reference on [B, width] views (width >= every length):
+    O(B * width^2) work instead of the dense path's O(T^2)."""
+    from ..dtome import reference as padded
+
+    num_rows = x.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
+    res = padded.dtome_merge(
+        _gather_padded(x, cu_seqlens, width), _gather_padded(metric, cu_seqlens, width),
+        _gather_padded(size, cu_seqlens, width), lengths, threshold, None, protect_first,
+    )
+    new_cu = torch.cat([cu_seqlens[:1], torch.cumsum(res.lengths, 0)]).to(torch.int32)
+    seg, local, valid = segments(new_cu, num_rows)  # output rows: image and local row
+    local = local.long().clamp(0, width - 1)
+    x_out = torch.where(valid[:, None], res.x[seg.long(), local], torch.zeros((), dtype=x.dtype, device=x.device))
+    size_out = torch.where(valid, res.size[seg.long(), local], 0.0)
+    seg_in, local_in, valid_in = segments(cu_seqlens, num_rows)  # input rows
+    moved = res.row_map[seg_in.long(), local_in.long().clamp(0, width - 1)]
+    row_map = torch.where(valid_in & (moved >= 0), moved + new_cu[seg_in.long()], -1).to(torch.int32)
+    new_pos = None
+    if pos_map is not None:
+        new_pos = torch.where(pos_map >= 0, row_map[pos_map.long().clamp_min(0)], -1).to(torch.int32)
+    return DToMeVarlenResult(x_out, size_out, new_cu, new_pos, row_map)
+
+
 def dtome_merge_varlen(
     x: torch.Tensor,
     metric: torch.Tensor,
@@ -59,9 +91,15 @@ def dtome_merge_varlen(
     threshold: torch.Tensor,
     pos_map: Optional[torch.Tensor],
     protect_first: bool,
+    max_seqlen: int = 0,
 ) -> DToMeVarlenResult:
-    """One DToMe step on the packed layout; see ``dk.dtome_merge_varlen``."""
+    """One DToMe step on the packed layout; see ``dk.dtome_merge_varlen``.
+
+    With a bound 0 < max_seqlen < T on every image's length the step runs through the padded
+    reference on [B, max_seqlen] views; otherwise on dense block-diagonal [T, T] scores."""
     num_rows, _ = x.shape
+    if 0 < max_seqlen < num_rows:
+        return _merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen)
     batch = cu_seqlens.shape[0] - 1
     device = x.device
     rows = torch.arange(num_rows, device=device)

@@ -313,7 +313,7 @@ class DToMeEncoder(nn.Module):
         num_syncs = 0
         for index in range(self.num_blocks_run):
             block = parts.blocks[index]
-            attn, metric = packed_attention(block, block.norm1(x), size, cu, bsz if not merged_once else None)
+            attn, metric = packed_attention(block, block.norm1(x), size, cu, bsz if not merged_once else None, longest)
             attn = block.out(attn)
             if block.scale1 is not None:
                 attn = block.scale1(attn)
@@ -321,7 +321,8 @@ class DToMeEncoder(nn.Module):
             lengths = cu[1:] - cu[:-1]
             tau = tau_fn(index, unpack(metric, cu, n0) if needs_metric else metric, lengths)
             if tau is not None:
-                res = dk.dtome_merge_varlen(x, metric, size, cu, tau, pos_map=pos_map, protect_first=self.protect_cls)
+                res = dk.dtome_merge_varlen(x, metric, size, cu, tau, pos_map=pos_map, protect_first=self.protect_cls,
+                                            max_seqlen=longest)
                 x, size, cu, pos_map = res.x, res.size, res.cu_seqlens, res.pos_map
                 merged_once = True
                 if self.shrink:
@@ -369,7 +370,8 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.
 
 
 def packed_attention(
-    block: BlockParts, h: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, uniform_batch: Optional[int]
+    block: BlockParts, h: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, uniform_batch: Optional[int],
+    max_seqlen: Optional[int] = None,
 ) -> "tuple[torch.Tensor, torch.Tensor]":
     """Self-attention of one block on the packed layout, with the log-size key bias.
 
@@ -377,6 +379,7 @@ def packed_attention(
         h: [T, D] normed packed tokens; size [T] float32; cu_seqlens [B + 1] int32.
         uniform_batch: B when the rows are exactly B images of T / B tokens of size 1 (before
             the first merge): then plain SDPA on the [B, T / B] batch runs, without a bias.
+        max_seqlen: a host bound on every image's length (sizes the Triton grid), or None.
 
     Returns:
         (attention output [T, heads*head_dim] before the output projection, metric [T, head_dim]).
@@ -390,5 +393,6 @@ def packed_attention(
         a = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, scale=block.scale)
         a = a.transpose(1, 2).reshape(rows, -1)
     else:
-        a = dk.proportional_attention_varlen(q, k, v, size, cu_seqlens, scale=block.scale).reshape(rows, -1)
+        a = dk.proportional_attention_varlen(q, k, v, size, cu_seqlens, scale=block.scale, max_seqlen=max_seqlen)
+        a = a.reshape(rows, -1)
     return a, k.mean(dim=1)
