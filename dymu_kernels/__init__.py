@@ -19,23 +19,29 @@ from .api import (
     batch_threshold,
     bipartite_similarity,
     dtome_merge,
+    dtome_merge_varlen,
+    proportional_attention_varlen,
     scatter_merge,
     select_edges,
     vtu_attention,
     vtu_decode_attention,
 )
 from .dtome.reference import DToMeResult
+from .varlen.reference import DToMeVarlenResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
     "DToMeResult",
+    "DToMeVarlenResult",
     "INT_SENTINEL",
     "backend_info",
     "batch_threshold",
     "bipartite_similarity",
     "dtome_merge",
+    "dtome_merge_varlen",
+    "proportional_attention_varlen",
     "poison_outputs",
     "scatter_merge",
     "select_edges",

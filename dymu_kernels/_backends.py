@@ -27,6 +27,8 @@ FAMILIES = {
     "batch_threshold": "dtome",
     "vtu_attention": "vtu",
     "vtu_decode_attention": "vtu_decode",
+    "dtome_merge_varlen": "varlen",
+    "proportional_attention_varlen": "varlen",
 }
 
 

@@ -78,6 +78,22 @@ def _fake_decode(q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths
     return q.new_empty(q.shape)
 
 
+def _fake_merge_varlen(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen):
+    num_rows, d = x.shape
+    pos_shape = tuple(pos_map.shape) if pos_map is not None else (0,)
+    return (
+        x.new_empty((num_rows, d)),
+        x.new_empty((num_rows,), dtype=torch.float32),
+        x.new_empty(tuple(cu_seqlens.shape), dtype=torch.int32),
+        x.new_empty(pos_shape, dtype=torch.int32),
+        x.new_empty((num_rows,), dtype=torch.int32),
+    )
+
+
+def _fake_attention_varlen(q, k, v, size, cu_seqlens, scale, max_seqlen):
+    return q.new_empty(q.shape)
+
+
 # ----------------------------------------------------------------------------- pack / unpack
 
 
@@ -93,6 +109,20 @@ def _unpack_merge(out, args):
 
     x, size, lengths, pos, row_map = out
     return DToMeResult(x, size, lengths, pos if args[5] is not None else None, row_map)
+
+
+def _pack_merge_varlen(res, args):
+    pos = res.pos_map
+    if pos is None:  # an empty [0] stands for None (see _pack_merge)
+        pos = res.x.new_empty((0,), dtype=torch.int32)
+    return (res.x, res.size, res.cu_seqlens, pos, res.row_map)
+
+
+def _unpack_merge_varlen(out, args):
+    from .varlen.reference import DToMeVarlenResult
+
+    x, size, cu_seqlens, pos, row_map = out
+    return DToMeVarlenResult(x, size, cu_seqlens, pos if args[5] is not None else None, row_map)
 
 
 SPECS: Dict[str, OpSpec] = {
@@ -126,6 +156,18 @@ SPECS: Dict[str, OpSpec] = {
         "vtu_decode_attention(str backend, Tensor q, Tensor k_rows, Tensor v_rows, Tensor cos, Tensor sin, "
         "Tensor pos_map, Tensor q_positions, Tensor full_lengths, float scale) -> Tensor",
         fake=_fake_decode,
+    ),
+    "dtome_merge_varlen": OpSpec(
+        "dtome_merge_varlen(str backend, Tensor x, Tensor metric, Tensor size, Tensor cu_seqlens, Tensor threshold, "
+        "Tensor? pos_map, bool protect_first, SymInt max_seqlen) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=_fake_merge_varlen,
+        pack=_pack_merge_varlen,
+        unpack=_unpack_merge_varlen,
+    ),
+    "proportional_attention_varlen": OpSpec(
+        "proportional_attention_varlen(str backend, Tensor q, Tensor k, Tensor v, Tensor size, Tensor cu_seqlens, "
+        "float scale, SymInt max_seqlen) -> Tensor",
+        fake=_fake_attention_varlen,
     ),
 }
 

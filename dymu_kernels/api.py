@@ -481,3 +481,173 @@ def vtu_decode_attention(
         "vtu_decode_attention", device, backend, q, k_rows, v_rows, cos, sin,
         pos_map.to(torch.int32), q_positions.to(torch.int32), full_lengths, scale,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------ packed variable-length ops
+# (issue 12) Images concatenated row-wise, flash-attention varlen style: image b owns packed
+# rows cu_seqlens[b] .. cu_seqlens[b+1]; rows past cu_seqlens[B] are capacity.
+
+from .varlen.reference import DToMeVarlenResult  # noqa: E402
+
+
+def _cu_seqlens(cu_seqlens: torch.Tensor, num_rows: int, device: torch.device, validate: Optional[bool]) -> torch.Tensor:
+    """int32 [B + 1] offsets: 0 first, non-decreasing, total <= num_rows (the capacity T)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor [B + 1] int32, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype int32 (flash-attention's varlen convention), got {str(cu_seqlens.dtype).replace('torch.', '')}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be [B + 1] with B >= 1 (1-D, at least 2 entries), got shape {tuple(cu_seqlens.shape)}")
+    check.same_device(device, cu_seqlens=cu_seqlens)
+    if check.values_checkable(cu_seqlens, validate):
+        values = cu_seqlens.tolist()
+        if values[0] != 0:
+            raise ValueError(f"cu_seqlens[0] must be 0, got {values[0]}")
+        steps = [b for b in range(len(values) - 1) if values[b + 1] < values[b]]
+        if steps:
+            b = steps[0]
+            raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{b}] = {values[b]} > cu_seqlens[{b + 1}] = {values[b + 1]}")
+        if values[-1] > num_rows:
+            raise ValueError(f"cu_seqlens total (last entry) {values[-1]} exceeds the {num_rows} packed rows (T) of the inputs")
+    return cu_seqlens.contiguous()
+
+
+def dtome_merge_varlen(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    size: Optional[torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    threshold: Threshold,
+    *,
+    pos_map: Optional[torch.Tensor] = None,
+    protect_first: bool = False,
+    max_seqlen: Optional[int] = None,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> DToMeVarlenResult:
+    """One DToMe merge step on the packed layout, with exactly ``dtome_merge``'s per-image semantics.
+
+    Args:
+        x: [T, D] fp16/bf16/fp32 packed tokens; image b owns rows cu_seqlens[b] ..
+            cu_seqlens[b+1]; rows >= cu_seqlens[B] are capacity (anything, NaN too).
+        metric: [T, C] merge metric, C <= 128 (any float dtype).
+        size: [T] float sizes (None: all ones).
+        cu_seqlens: [B + 1] int32 offsets: 0, non-decreasing, last entry (the total) <= T.
+        threshold: float or 0-dim / [B] tensor; strict test node_max > threshold.
+        pos_map: optional int tensor of any shape ([B, N0] or [T0] ...) holding the packed row in
+            [-1, T) of every original token; returned composed with this step's row_map.
+        protect_first: the first row of every image (its CLS token) never merges.
+        max_seqlen: optional host int, an upper bound on every image's length; lets the
+            reference work on [B, max_seqlen] views (O(B * max_seqlen^2)) instead of dense
+            [T, T] scores. A bound below a real length is an error for CPU tensors.
+
+    Returns:
+        DToMeVarlenResult(x [T, D] x.dtype, size [T] float32, cu_seqlens [B + 1] int32 (new),
+        pos_map int32 (pos_map's shape) or None, row_map [T] int32: new packed row of every
+        old row, -1 past the old total). Image b's rows come out at new cu_seqlens[b] ..
+        cu_seqlens[b+1] in the order ``dtome_merge`` gives them; rows past the new total are
+        zero. The capacity stays T (no host sync): shrinking to the new total is the caller's
+        (explicit, synchronising) step.
+    """
+    check.tensor("x", x, 2, check.FLOAT_DTYPES, "[T, D] packed rows")
+    check.tensor("metric", metric, 2, check.FLOAT_DTYPES, "[T, C] packed rows")
+    num_rows = x.shape[0]
+    if num_rows < 1:
+        raise ValueError(f"x must have at least one row (T >= 1), got shape {tuple(x.shape)}")
+    if metric.shape[0] != num_rows:
+        raise ValueError(f"metric must be [T, C] with T = {num_rows} like x, got {tuple(metric.shape)}")
+    if not 1 <= metric.shape[1] <= MAX_METRIC_DIM:
+        raise ValueError(f"metric dim C must be in [1, {MAX_METRIC_DIM}], got {metric.shape[1]}")
+    protect_first = check.flag("protect_first", protect_first)
+    check.warn_if_grad("dtome_merge_varlen", x, metric, size, threshold if isinstance(threshold, torch.Tensor) else None)
+    device = x.device
+    check.same_device(device, metric=metric, size=size, pos_map=pos_map)
+    if size is None:
+        size = torch.ones(num_rows, dtype=torch.float32, device=device)
+    check.tensor("size", size, 1, check.FLOAT_DTYPES, "[T] float sizes")
+    if size.shape[0] != num_rows:
+        raise ValueError(f"size must have shape ({num_rows},) like x's [T], got {tuple(size.shape)}")
+    cu_seqlens = _cu_seqlens(cu_seqlens, num_rows, device, validate)
+    tau = check.threshold(threshold, cu_seqlens.shape[0] - 1, device, validate)
+    if pos_map is not None:
+        if not isinstance(pos_map, torch.Tensor) or pos_map.dtype not in check.INDEX_DTYPES:
+            raise TypeError("pos_map must be an int32/int64 tensor of packed rows (e.g. [B, N0])")
+        check.index_range("pos_map", pos_map, -1, num_rows, validate)
+        pos_map = pos_map.to(torch.int32)
+    bound = _max_seqlen(max_seqlen, cu_seqlens, num_rows, validate)
+    return _run(
+        "dtome_merge_varlen", device, backend, x, metric, size.float(), cu_seqlens, tau, pos_map, bool(protect_first),
+        bound,
+    )
+
+
+def proportional_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    size: Optional[torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    max_seqlen: Optional[int] = None,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> torch.Tensor:
+    """Block-diagonal multi-head attention over the packed layout with DToMe's log-size key bias.
+
+    out_i = sum_j softmax_j(q_i . k_j * scale + log size_j) v_j over the rows j of i's own image
+    (all heads; fp32 scores and softmax).
+
+    Args:
+        q, k, v: [T, H, D] (flash-attention's varlen layout), one dtype of fp16/bf16/fp32,
+            D even and <= 128; rows >= cu_seqlens[B] are capacity (anything, NaN too).
+        size: [T] float sizes of the keys (None: all ones); a key of size 0 is masked.
+        cu_seqlens: [B + 1] int32 offsets: 0, non-decreasing, total <= T.
+        scale: softmax scale (default D ** -0.5).
+        max_seqlen: optional host int, an upper bound on every image's length (flash-attention's
+            max_seqlen); it sizes the Triton grid (default T). A bound below a real length is an
+            error for CPU tensors (and GPU ones with validation on); unchecked, rows past it
+            would stay unwritten.
+
+    Returns:
+        out [T, H, D] in q.dtype; rows past the total, and rows of an image whose keys all have
+        size 0, are zero.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(name, t, 3, check.FLOAT_DTYPES, "[T, H, D] packed rows")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
+        raise ValueError(f"q, k and v must have one shape [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    num_rows, heads, dim = q.shape
+    if num_rows < 1 or heads < 1:
+        raise ValueError(f"need at least one row and one head, got q {tuple(q.shape)}")
+    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+    device = q.device
+    check.same_device(device, k=k, v=v, size=size)
+    if size is None:
+        size = torch.ones(num_rows, dtype=torch.float32, device=device)
+    check.tensor("size", size, 1, check.FLOAT_DTYPES, "[T] float sizes")
+    if size.shape[0] != num_rows:
+        raise ValueError(f"size must have shape ({num_rows},) like q's [T], got {tuple(size.shape)}")
+    cu_seqlens = _cu_seqlens(cu_seqlens, num_rows, device, validate)
+    if scale is not None:
+        scale = check.positive_finite("scale", scale, "the softmax scale")
+    check.warn_if_grad("proportional_attention_varlen", q, k, v, size)
+    scale = float(dim**-0.5) if scale is None else scale
+    bound = _max_seqlen(max_seqlen, cu_seqlens, num_rows, validate)
+    return _run("proportional_attention_varlen", device, backend, q, k, v, size.float(), cu_seqlens, scale, bound)
+
+
+def _max_seqlen(max_seqlen: Optional[int], cu_seqlens: torch.Tensor, num_rows: int, validate: Optional[bool]) -> int:
+    """The host bound on every image's length, checked (CPU / validate) and capped at T."""
+    if max_seqlen is None:
+        return num_rows
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be None or an int >= 1 (a bound on every image's length), got {max_seqlen!r}")
+    if check.values_checkable(cu_seqlens, validate):
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} is below the longest image's length {longest} (from cu_seqlens)")
+    return min(max_seqlen, num_rows)

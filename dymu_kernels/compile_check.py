@@ -39,7 +39,12 @@ import sys
 import tempfile
 import time
 
-MODULES = ("dymu_kernels.dtome.triton", "dymu_kernels.vtu.triton", "dymu_kernels.vtu_decode.triton")
+MODULES = (
+    "dymu_kernels.dtome.triton",
+    "dymu_kernels.vtu.triton",
+    "dymu_kernels.vtu_decode.triton",
+    "dymu_kernels.varlen.triton",
+)
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in max)
 
 

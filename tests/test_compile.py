@@ -80,6 +80,22 @@ def _decode_case(seed, tq=2):
     return q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths
 
 
+T = 2 * N  # packed capacity of the varlen cases
+
+
+def _varlen_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, N + 1, (B,), generator=g)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0).clamp_max(T).to(torch.int32)
+    x = torch.randn(T, D, generator=g)
+    metric = torch.randn(T, C, generator=g)
+    size = torch.rand(T, generator=g) + 0.5
+    tau = torch.rand(B, generator=g) * 0.6 - 0.3
+    qkv = torch.randn(3, T, 2, HD, generator=g)
+    return x, metric, size, cu, tau, qkv
+
+
 # Each public op as a function of tensors only (what changes between calls) + its inputs.
 def _ops_under_test(backend):
     def similarity(metric, lengths):
@@ -111,8 +127,16 @@ def _ops_under_test(backend):
         return dk.vtu_decode_attention(q, k_rows, v_rows, cos, sin, pos_map, q_positions, full_lengths=full_lengths,
                                        backend=backend)
 
+    def merge_varlen(x, metric, size, cu, tau):
+        return tuple(dk.dtome_merge_varlen(x, metric, size, cu, tau, protect_first=True, max_seqlen=N, backend=backend)
+                     [:3])
+
+    def attention_varlen(qkv, size, cu):
+        return dk.proportional_attention_varlen(qkv[0], qkv[1], qkv[2], size, cu, max_seqlen=N, backend=backend)
+
     def case(seed):
         x, metric, size, lengths, tau, pos_map = _dtome_case(seed)
+        vx, vmetric, vsize, vcu, vtau, vqkv = _varlen_case(seed)
         vt = _vtu_case(seed)
         return {
             "bipartite_similarity": (similarity, (metric, lengths)),
@@ -123,6 +147,8 @@ def _ops_under_test(backend):
             "batch_threshold": (threshold, (metric, lengths)),
             "vtu_attention": (vtu, vt),
             "vtu_decode_attention": (decode, _decode_case(seed)),
+            "dtome_merge_varlen": (merge_varlen, (vx, vmetric, vsize, vcu, vtau)),
+            "proportional_attention_varlen": (attention_varlen, (vqkv, vsize, vcu)),
         }
 
     return case
@@ -130,7 +156,7 @@ def _ops_under_test(backend):
 
 OP_NAMES = [
     "bipartite_similarity", "select_edges", "scatter_merge", "dtome_merge", "dtome_merge_defaults",
-    "batch_threshold", "vtu_attention", "vtu_decode_attention",
+    "batch_threshold", "vtu_attention", "vtu_decode_attention", "dtome_merge_varlen", "proportional_attention_varlen",
 ]
 
 
@@ -204,6 +230,8 @@ def _opcheck_samples():
     q, k, v, cos, sin, vmap, full_lengths = _vtu_case(0)
     cos, sin = cos.expand(B, *cos.shape), sin.expand(B, *sin.shape)
     dq, dk_rows, dv_rows, dcos, dsin, dmap, dpos, dlen = _decode_case(0)
+    vx, vmetric, vsize, vcu, vtau, vqkv = _varlen_case(0)
+    vpos = torch.randint(0, int(vcu[-1]) or 1, (B, N0), dtype=torch.int32)
     return {
         "bipartite_similarity": [(metric, lengths, True), (metric.half(), lengths, False)],
         "select_edges": [(node_max, node_idx, lengths, tau, N, False), (node_max, node_idx, lengths, tau, N, True)],
@@ -211,6 +239,10 @@ def _opcheck_samples():
         "dtome_merge": [(x, metric, size, lengths, tau, pos_map, True), (x, metric, size, lengths, tau, None, False)],
         "batch_threshold": [(node_max, 2), (node_max, 100)],
         "vtu_attention": [(q, k, v, cos, sin, vmap, full_lengths, True, HD**-0.5)],
+        "dtome_merge_varlen": [
+            (vx, vmetric, vsize, vcu, vtau, vpos, True, N), (vx, vmetric, vsize, vcu, vtau, None, False, T)
+        ],
+        "proportional_attention_varlen": [(vqkv[0], vqkv[1], vqkv[2], vsize, vcu, HD**-0.5, N)],
         "vtu_decode_attention": [
             (dq, dk_rows, dv_rows, dcos.expand(B, *dcos.shape), dsin.expand(B, *dsin.shape), dmap, dpos, dlen, HD**-0.5)
         ],

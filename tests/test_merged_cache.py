@@ -177,7 +177,7 @@ def _installed(package):
 def test_smollm2_demo_photo_merged_equals_full_cache():
     from dymu.assets import load_dinov2, load_smollm2
     from dymu.calibration import load_thresholds
-    from dymu.demo import ResearchVLM, thresholds_path
+    from dymu.demo import VLMPrompts, build_research_vlm, thresholds_path
     from dymu.encoders import DToMeEncoder
     from dymu.photos import load_photos
     from dymu.vtu_inputs import images_from_encoder
@@ -190,8 +190,8 @@ def test_smollm2_demo_photo_merged_equals_full_cache():
     image = images_from_encoder(enc.last_hidden_state, enc.pos_map, enc.lengths, drop_cls=True)[0]
     llm, tokenizer = load_smollm2()
     llm.generation_config.eos_token_id = None
-    vlm = ResearchVLM(llm, tokenizer, vit.config.hidden_size)
-    batch = dymu.build_vtu_inputs([[vlm.before, dymu.VTUImage(vlm.project(image.tokens), image.pos_map), vlm.after]])
+    prompts = VLMPrompts(build_research_vlm(vit, llm, tokenizer, pixels), tokenizer, 256)
+    batch = prompts.vtu_batch(image)
     assert image.tokens.shape[0] < 256
     (tok_m, log_m), (tok_f, log_f) = _both(llm, batch, 32)
     assert torch.equal(tok_m, tok_f)

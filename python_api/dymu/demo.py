@@ -123,6 +123,17 @@ class VLMPrompts:
         self.before, self.after = ids(PROMPT_BEFORE), ids(PROMPT_AFTER)
         self.input_ids = torch.tensor([self.before + [vlm.config.image_token_id] * num_patches + self.after])
 
+    def vtu_batch(self, image):
+        """``build_vtu_inputs`` of the prompt around one merged image (``images_from_encoder``'s
+        tokens and map), projected by the VLM's projector: the manual path to ``dymu.generate``."""
+        from .vtu_inputs import VTUImage, build_vtu_inputs
+
+        embed = self.vlm.get_input_embeddings()
+        with torch.no_grad():
+            tokens = self.vlm.model.multi_modal_projector(image.tokens[None].to(embed.weight.dtype))[0]
+            before, after = embed(torch.tensor(self.before)), embed(torch.tensor(self.after))
+        return build_vtu_inputs([[before, VTUImage(tokens, image.pos_map), after]])
+
     def inputs(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """input_ids [B, L], attention_mask, pixel_values [B, 3, H, W] (one photo per prompt)."""
         ids = self.input_ids.expand(pixels.shape[0], -1)
@@ -155,14 +166,9 @@ def _decode_rates(llm, prompts: "VLMPrompts", image, tokens: int = 16) -> Dict[s
     merged cache vs full cache, plus both caches' bytes (the prefill, timed separately, is in
     neither rate). ``image`` is one ``VTUImage``-like (tokens, pos_map) from the encoder."""
     from .merged_cache import full_cache_nbytes
-    from .vtu_inputs import VTUImage, build_vtu_inputs
     from .vtu_llm import generate, vtu_forward
 
-    embed = llm.get_input_embeddings()
-    with torch.no_grad():
-        merged = prompts.vlm.model.multi_modal_projector(image.tokens[None].to(embed.weight.dtype))[0]
-        before, after = embed(torch.tensor(prompts.before)), embed(torch.tensor(prompts.after))
-    batch = build_vtu_inputs([[before, VTUImage(merged, image.pos_map), after]])
+    batch = prompts.vtu_batch(image)
     args = (llm, batch.inputs_embeds, batch.pos_map)
     kw = dict(full_lengths=batch.full_lengths)
     rates = {"tokens": tokens}

@@ -14,6 +14,14 @@ QKV projection). Attention goes through ``torch.nn.functional.scaled_dot_product
 whatever ``config._attn_implementation`` says, with the log-size bias as an additive mask in
 the activation dtype (bf16 rounds log(size) to about 3 significant digits, as the official code).
 
+Layouts: ``layout="packed"`` (the default) keeps the kept tokens of all images concatenated,
+``x`` [T, D] with ``cu_seqlens`` [B + 1] int32 (flash-attention varlen style), so every block's
+projections and MLP run on the rows really kept and the attention is
+``dk.proportional_attention_varlen`` (block-diagonal, log-size bias read per key);
+``dk.dtome_merge_varlen`` merges in place of ``dk.dtome_merge``. ``layout="padded"`` is the
+previous path: a [B, N, D] batch padded to the longest image, SDPA with a dense float mask.
+Before the first merge both run the same unmasked SDPA on the full [B, N0, D] batch.
+
 Token order: a merge step reorders rows to [unmerged even rows ; odd rows] (README, Semantics: DToMe
 rule 6) even when nothing merges; ``pos_map`` gives the row of every original token, so
 ``out.last_hidden_state.gather(1, pos_map)`` lays the tokens out in the original order again.
@@ -55,6 +63,11 @@ class DToMeEncoderOutput:
             output_layer=-1 with the CLS protected; None otherwise (SigLIP's attention-pooling
             head is not run).
         num_syncs: host synchronisations this forward made (see :class:`DToMeEncoder`).
+        cu_seqlens, packed_hidden_state, packed_sizes, packed_pos_map: the packed form
+            (``layout="packed"`` only, else None): image b owns rows cu_seqlens[b] ..
+            cu_seqlens[b+1] of packed_hidden_state [T', D] and packed_sizes [T'] float32 (rows
+            past cu_seqlens[B] are zero); packed_pos_map [B, N0] int32 is the packed row of
+            every original token (= pos_map + cu_seqlens[b]).
     """
 
     last_hidden_state: torch.Tensor
@@ -64,6 +77,10 @@ class DToMeEncoderOutput:
     layer_lengths: torch.Tensor
     pooler_output: Optional[torch.Tensor] = None
     num_syncs: int = 0
+    cu_seqlens: Optional[torch.Tensor] = None
+    packed_hidden_state: Optional[torch.Tensor] = None
+    packed_sizes: Optional[torch.Tensor] = None
+    packed_pos_map: Optional[torch.Tensor] = None
 
     @property
     def valid_mask(self) -> torch.Tensor:
@@ -146,11 +163,16 @@ class DToMeEncoder(nn.Module):
             applies none there). Any other k in [-(L+1), L] returns what the stock
             ``hidden_states[k]`` holds and does not run later blocks (LLaVA reads -2); note
             ``hidden_states[L]`` is the last block's output *without* the final norm.
-        shrink: after every merging block, slice the padded batch to the new longest image so
-            later blocks run on fewer rows. This reads ``lengths.max()`` to the host: one sync per
-            merging block run. ``shrink=False`` defers: the forward makes no host sync at all
-            (CUDA-graph and torch.compile friendly) and every tensor keeps the static N0 rows;
-            trim the output with ``lengths.max()`` yourself.
+        shrink: after every merging block, slice the batch so later blocks run on fewer rows:
+            packed, to the new total of kept tokens; padded, to the new longest image. This reads
+            the new total and longest length to the host: one sync per merging block run.
+            ``shrink=False`` defers: the forward makes no host sync at all (CUDA-graph and
+            torch.compile friendly) and every tensor keeps its static capacity (B * N0 packed
+            rows, N0 padded rows per image); trim the output with ``lengths.max()`` yourself.
+        layout: ``"packed"`` (default): the kept tokens of all images concatenated (see the
+            module doc), so the work follows the tokens each image keeps; ``"padded"``: the
+            batch padded to its longest image (kept for comparison). Same outputs (the packed
+            form comes in addition); hidden states agree to rounding.
 
     Host syncs per forward: ``shrink=True``: the number of blocks run whose threshold is finite;
     ``shrink=False``: zero. (On CPU a "sync" is just a read.) ``out.num_syncs`` reports it.
@@ -171,6 +193,7 @@ class DToMeEncoder(nn.Module):
         protect_cls: Optional[bool] = None,
         output_layer: int = -1,
         shrink: bool = True,
+        layout: str = "packed",
     ):
         super().__init__()
         parts = resolve(vision_model)
@@ -191,6 +214,9 @@ class DToMeEncoder(nn.Module):
         self.protect_cls = parts.has_cls if protect_cls is None else protect_cls
         self.output_layer = output_layer
         self.shrink = bool(shrink)
+        if layout not in ("packed", "padded"):
+            raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
+        self.layout = layout
 
     @property
     def num_blocks_run(self) -> int:
@@ -206,7 +232,7 @@ class DToMeEncoder(nn.Module):
         def tau_fn(layer, metric, lengths):
             return None if taus[layer] == math.inf else taus[layer]
 
-        return self.run(pixel_values, tau_fn, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self._loop(pixel_values, tau_fn, interpolate_pos_encoding, needs_metric=False)
 
     @torch.no_grad()
     def run(
@@ -220,13 +246,19 @@ class DToMeEncoder(nn.Module):
 
         ``tau_fn(layer, metric, lengths)`` gets the block's merge metric [B, N, C] and the
         current lengths [B] int32, and returns that block's threshold (float or 0-dim / [B]
-        tensor), or None for no merge.
+        tensor), or None for no merge. In the packed layout the metric is unpacked to
+        [B, N0, C] (rows >= lengths zero) for tau_fn.
         """
+        return self._loop(pixel_values, tau_fn, interpolate_pos_encoding, needs_metric=True)
+
+    def _loop(self, pixel_values, tau_fn: TauFn, interpolate_pos_encoding: bool, needs_metric: bool):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a [B, C, H, W] tensor, got {got}")
         parts: EncoderParts = self._parts
         x = parts.embed(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.layout == "packed":
+            return self._packed(x, tau_fn, needs_metric)
         bsz, n0, _ = x.shape
         device = x.device
         size = torch.ones(bsz, n0, dtype=torch.float32, device=device)
@@ -268,8 +300,102 @@ class DToMeEncoder(nn.Module):
         stacked = torch.stack(layer_lengths) if layer_lengths else torch.empty(0, bsz, dtype=torch.int32, device=device)
         return DToMeEncoderOutput(x, size, lengths, pos_map, stacked, pooler, num_syncs)
 
+    @torch.no_grad()
+    def _packed(self, x: torch.Tensor, tau_fn: TauFn, needs_metric: bool) -> DToMeEncoderOutput:
+        """The block loop on the packed layout: x [T, D] with cu_seqlens [B + 1]."""
+        parts: EncoderParts = self._parts
+        bsz, n0, dim = x.shape
+        device = x.device
+        x = x.reshape(bsz * n0, dim)
+        cu = torch.arange(0, (bsz + 1) * n0, n0, dtype=torch.int32, device=device)
+        size = torch.ones(bsz * n0, dtype=torch.float32, device=device)
+        pos_map = (torch.arange(n0, dtype=torch.int32, device=device) + cu[:-1, None]).contiguous()
+        merged_once = False  # until the first merge: every size is 1, the batch is [B, N0] exactly
+        longest = n0
+        layer_lengths = []
+        num_syncs = 0
+        for index in range(self.num_blocks_run):
+            block = parts.blocks[index]
+            attn, metric = packed_attention(block, block.norm1(x), size, cu, bsz if not merged_once else None, longest)
+            attn = block.out(attn)
+            if block.scale1 is not None:
+                attn = block.scale1(attn)
+            x = x + attn
+            lengths = cu[1:] - cu[:-1]
+            tau = tau_fn(index, unpack(metric, cu, n0) if needs_metric else metric, lengths)
+            if tau is not None:
+                res = dk.dtome_merge_varlen(x, metric, size, cu, tau, pos_map=pos_map, protect_first=self.protect_cls,
+                                            max_seqlen=longest)
+                x, size, cu, pos_map = res.x, res.size, res.cu_seqlens, res.pos_map
+                merged_once = True
+                if self.shrink:
+                    # the one explicit host sync of this block: the new total and longest image
+                    total, longest = torch.stack([cu[-1], (cu[1:] - cu[:-1]).max()]).tolist()
+                    num_syncs += 1
+                    x, size = x[:total], size[:total]
+            h = block.mlp(block.norm2(x))
+            if block.scale2 is not None:
+                h = block.scale2(h)
+            x = x + h
+            layer_lengths.append(cu[1:] - cu[:-1])
+        lengths = cu[1:] - cu[:-1]
+        if self.output_layer == -1 and parts.final_norm is not None:
+            x = parts.final_norm(x)
+        valid = torch.arange(x.shape[0], device=device) < cu[-1]
+        x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=device))
+        pooler = None
+        if self.output_layer == -1 and self.protect_cls and parts.has_cls:
+            cls = x[cu[:-1].long()]
+            pooler = cls if parts.pooler_norm is None else parts.pooler_norm(cls)
+        stacked = torch.stack(layer_lengths) if layer_lengths else torch.empty(0, bsz, dtype=torch.int32, device=device)
+        width = longest if self.shrink else n0
+        return DToMeEncoderOutput(
+            unpack(x, cu, width), unpack(size, cu, width), lengths, pos_map - cu[:-1, None], stacked, pooler,
+            num_syncs, cu, x, size, pos_map,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind}, num_layers={self.num_layers}, protect_cls={self.protect_cls}, "
-            f"output_layer={self.output_layer}, shrink={self.shrink}"
+            f"output_layer={self.output_layer}, shrink={self.shrink}, layout={self.layout}"
         )
+
+
+def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """Packed rows [T, ...] -> padded [B, width, ...]: row l of image b is packed row
+    cu_seqlens[b] + l for l < its length, zero elsewhere (no host sync)."""
+    local = torch.arange(width, device=packed.device)
+    rows = cu_seqlens[:-1, None].long() + local
+    valid = rows < cu_seqlens[1:, None]
+    out = packed[rows.clamp_max(packed.shape[0] - 1)]
+    mask = valid.reshape(*valid.shape, *([1] * (packed.dim() - 1)))
+    return torch.where(mask, out, torch.zeros((), dtype=packed.dtype, device=packed.device))
+
+
+def packed_attention(
+    block: BlockParts, h: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, uniform_batch: Optional[int],
+    max_seqlen: Optional[int] = None,
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Self-attention of one block on the packed layout, with the log-size key bias.
+
+    Args:
+        h: [T, D] normed packed tokens; size [T] float32; cu_seqlens [B + 1] int32.
+        uniform_batch: B when the rows are exactly B images of T / B tokens of size 1 (before
+            the first merge): then plain SDPA on the [B, T / B] batch runs, without a bias.
+        max_seqlen: a host bound on every image's length (sizes the Triton grid), or None.
+
+    Returns:
+        (attention output [T, heads*head_dim] before the output projection, metric [T, head_dim]).
+    """
+    rows = h.shape[0]
+    shape = (rows, block.num_heads, block.head_dim)
+    q, k, v = block.q(h).view(shape), block.k(h).view(shape), block.v(h).view(shape)
+    if uniform_batch is not None:
+        split = (uniform_batch, rows // uniform_batch, block.num_heads, block.head_dim)
+        qb, kb, vb = (t.view(split).transpose(1, 2) for t in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, scale=block.scale)
+        a = a.transpose(1, 2).reshape(rows, -1)
+    else:
+        a = dk.proportional_attention_varlen(q, k, v, size, cu_seqlens, scale=block.scale, max_seqlen=max_seqlen)
+        a = a.reshape(rows, -1)
+    return a, k.mean(dim=1)

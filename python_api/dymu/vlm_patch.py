@@ -397,7 +397,7 @@ class VLMPatch:
         with torch.no_grad():
             batch, slots, positions = self._vtu_batch(input_ids, attention_mask, position_ids, images)
             out = vtu_forward(self._view, batch.inputs_embeds, batch.pos_map, full_lengths=batch.full_lengths,
-                              position_ids=positions, use_cache=bool(use_cache), backend=self.backend)  # fmt: skip
+                              position_ids=positions, use_cache=bool(use_cache), cache="full", backend=self.backend)  # fmt: skip
             hidden = self._to_slots(out.logits, batch, slots, input_ids.shape[1])
             if use_cache:
                 if cache is None:

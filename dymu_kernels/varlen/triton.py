@@ -1,0 +1,115 @@
+"""Triton backend of the packed varlen ops: launcher and compile specs.
+
+``proportional_attention_varlen`` takes the normalised arguments of
+``dymu_kernels.varlen.reference.proportional_attention_varlen`` and launches the
+FlashAttention-2-style kernel of ``triton_kernels.py`` plus one kernel that zeroes the rows past
+the packed total. No host sync: the grid is sized by a static bound on any image's length
+(``max_seqlen`` when the caller knows one, else T), and programs past an image's length exit at
+once. No per-length recompilation (lengths live on the device; the bound is do_not_specialize),
+no autotuning.
+
+Not done here (honest note): ``dtome_merge_varlen`` has no Triton kernel yet; the selection of
+backends reports it (``dk.backend_info`` / ``dymu_kernels._backends.implements``).
+Limitations: inference only; D even and <= 128; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1 (tests).
+"""
+
+import math
+import os
+
+import torch
+import triton
+
+from .._alloc import empty
+from .triton_kernels import varlen_attention_fwd_kernel, zero_tail_rows_kernel
+
+SUPPORTED = frozenset({"proportional_attention_varlen"})
+
+LOG2_E = 1.0 / math.log(2.0)
+ZERO_BLOCK = 1024
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = False) -> dict:
+    """Block sizes and launch options for this D and dtype (BLOCK_D: D padded to a power of two
+    >= 16, since tl.dot needs K >= 16). fp16/bf16 on a GPU dot in the input dtype (DOT_INPUT)."""
+    cfg = dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    if interpreter:
+        cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, DOT_INPUT=False)
+    elif dtype == torch.float32:  # IEEE fp32 dots on CUDA cores: small tiles keep registers
+        cfg.update(BLOCK_M=64 if cfg["BLOCK_D"] <= 64 else 32, BLOCK_N=32 if cfg["BLOCK_D"] <= 64 else 16,
+                   num_warps=8, num_stages=1, DOT_INPUT=False)
+    elif cfg["BLOCK_D"] <= 64:
+        cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, DOT_INPUT=True)
+    else:
+        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, DOT_INPUT=True)
+    return cfg
+
+
+def proportional_attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    max_seqlen: int = 0,
+) -> torch.Tensor:
+    """q, k, v [T, H, D] (last dim contiguous), size [T] float32, cu_seqlens [B + 1] int32 ->
+    out [T, H, D] in q.dtype; max_seqlen: a bound on any image's length (0: T)."""
+    num_rows, heads, dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    size = size.contiguous()
+    # The interpreter rounds fp32 -> bf16 stores wrongly (it acts on raw bits): there the kernel
+    # writes fp32 and torch rounds once at the end.
+    bf16_via_fp32 = q.dtype == torch.bfloat16 and _interpreting()
+    out = empty(q.shape, torch.float32 if bf16_via_fp32 else q.dtype, q.device)
+    cfg = attention_config(dim, q.dtype, _interpreting())
+    bound = max_seqlen if 0 < max_seqlen <= num_rows else num_rows
+    blocks = triton.cdiv(bound, cfg["BLOCK_M"])
+    varlen_attention_fwd_kernel[(blocks, batch, heads)](
+        q, k, v, size, cu_seqlens, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2_E,
+        HEAD_DIM=dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        DOT_INPUT=cfg["DOT_INPUT"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    width = heads * dim
+    zero_tail_rows_kernel[(triton.cdiv(num_rows * width, ZERO_BLOCK),)](
+        out, cu_seqlens, batch, num_rows, width, BLOCK=ZERO_BLOCK
+    )
+    return out.to(torch.bfloat16) if bf16_via_fp32 else out
+
+
+def _specs():
+    """COMPILE_SPECS: every kernel with the block sizes the launcher really uses on a GPU."""
+    specs = []
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    strides = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for dim in (64, 72, 80, 128):
+            cfg = attention_config(dim, dtype)
+            sig = {name: "i32" for name in strides}
+            sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], SIZE="*fp32", CU="*i32", O=ptr[dtype],
+                       qk_scale="fp32")
+            order = ["Q", "K", "V", "SIZE", "CU", "O", *strides, "qk_scale"]
+            consts = dict(HEAD_DIM=dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                          DOT_INPUT=cfg["DOT_INPUT"])
+            for name in consts:
+                sig[name] = "constexpr"
+            specs.append(dict(
+                name=f"varlen_attention_fwd {names[dtype]} D={dim}", kernel=varlen_attention_fwd_kernel,
+                signature={name: sig[name] for name in order + list(consts)}, constexprs=consts,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            ))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        specs.append(dict(
+            name=f"zero_tail_rows {names[dtype]}", kernel=zero_tail_rows_kernel,
+            signature={"OUT": ptr[dtype], "CU": "*i32", "num_batch": "i32", "num_rows": "i32", "row_width": "i32",
+                       "BLOCK": "constexpr"},
+            constexprs=dict(BLOCK=ZERO_BLOCK), num_warps=4,
+        ))
+    return specs
+
+
+COMPILE_SPECS = _specs()
