@@ -27,7 +27,6 @@ from dymu_kernels._backends import triton_interpreting
 
 B, N, C, D = 2, 9, 8, 6
 INF, NAN = math.inf, math.nan
-VTU_MASKING_SKIP = "masking fix lands with the VTU kernel rewrite"
 
 
 class Raises(NamedTuple):
@@ -272,9 +271,7 @@ CASES = {
 
 # Cases that fail on a backend until another engineer's kernel fix is merged: remove the entry
 # once it lands.
-PENDING = {
-    ("triton", "vtu NaN K/V causally hidden"): VTU_MASKING_SKIP,
-}
+PENDING: dict = {}  # (backend, case name) -> skip reason, for a fix that has not landed yet
 
 
 def _flat(out):
@@ -431,8 +428,6 @@ def _vtu_params():
     out = []
     for p in cpu_backend_params("vtu_attention"):
         marks = list(p.marks)
-        if p.values[0] == "triton":
-            marks.append(pytest.mark.skip(reason=VTU_MASKING_SKIP))
         out.append(pytest.param(p.values[0], marks=marks, id=p.id))
     return out
 

@@ -80,7 +80,6 @@ def test_native_scratch_does_not_grow_with_nf(tmp_path):
 
 
 @pytest.mark.interpreter
-@pytest.mark.skip(reason="lands with the Triton VTU rewrite")
 @pytest.mark.skipif(not implements("triton", "vtu_attention"), reason="triton backend unavailable")
 def test_triton_allocates_nothing_of_full_length(tmp_path):
     check_bound("triton", tmp_path, shape=INTERPRETER_SHAPE)
