@@ -67,7 +67,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["dymu_kernels", "dymu_kernels.dtome", "dymu_kernels.vtu", "dymu"],
+    packages=[
+        "dymu_kernels", "dymu_kernels.dtome", "dymu_kernels.vtu", "dymu_kernels.vtu_decode", "dymu_kernels.varlen",
+        "dymu", "dymu.app",
+    ],
     package_dir={"dymu_kernels": "dymu_kernels", "dymu": "python_api/dymu"},
     package_data={"dymu": ["data/*.json", "data/*.md"]},
     ext_modules=_extensions(),
@@ -83,5 +86,5 @@ setup(
         "hf": ["transformers>=5.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["dymu = dymu.cli:main"]},
+    entry_points={"console_scripts": ["dymu = dymu.app.cli:main"]},
 )

@@ -18,7 +18,7 @@ is marked:
   [B, Hq, Nf, Nf] scores; the reference's boolean mask is counted); native is
   the formula of csrc/vtu_cpu.cpp (output, int32 order/row starts, one workspace per thread).
 
-``dymu bench`` (python_api/dymu/report.py) runs this and appends the table to its report.
+``dymu bench`` (python_api/dymu/app/report.py) runs this and appends the table to its report.
 """
 
 import argparse

@@ -107,10 +107,10 @@ def test_attention_varlen(benchmark, shape, batch, impl):
 @pytest.fixture(scope="module")
 def demo():
     pytest.importorskip("transformers")
-    from dymu.assets import load_dinov2
+    from dymu.app.assets import load_dinov2
     from dymu.calibration import load_thresholds
-    from dymu.demo import thresholds_path
-    from dymu.photos import load_photos
+    from dymu.app.demo import thresholds_path
+    from dymu.app.photos import load_photos
 
     vit, preprocess = load_dinov2(device=DEVICE)
     pixels = preprocess([img for _, img in load_photos()]).to(DEVICE)

@@ -1,4 +1,4 @@
-"""Real assets (dymu.assets) and bundled photos (dymu.photos).
+"""Real assets (dymu.app.assets) and bundled photos (dymu.app.photos).
 
 The DINOv2 conversion runs from scratch into a temporary cache every session (about 10-30 s on
 2 cores) and is checked against ONNX Runtime. The SmolLM2 conversion (about 40-60 s, 538 MB)
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dymu import assets, photos
+from dymu.app import assets, photos
 
 def _installed(package: str) -> bool:
     import importlib.util

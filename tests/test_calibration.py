@@ -141,7 +141,7 @@ def test_distributed_two_gloo_processes(model, tmp_path):
 def test_cli_calibrate_local_folder(model, tmp_path, capsys):
     from PIL import Image
 
-    from dymu.cli import main
+    from dymu.app.cli import main
 
     model.save_pretrained(tmp_path / "tiny-clip")
     images = tmp_path / "images"

@@ -201,7 +201,7 @@ def test_failure_after_the_checks_is_one_line_exit_1(tmp_path):
 
 
 def test_check_r_allows_exactly_what_a_layer_can_merge():
-    from dymu.cli import BUNDLED, CLIError, ModelFacts, check_r
+    from dymu.app.cli import BUNDLED, CLIError, ModelFacts, check_r
 
     dinov2 = BUNDLED["dinov2-s14"]
     check_r(128, ModelFacts("dinov2", 1, 14, 224, True), 224)  # 257 tokens: 128 sources, all may merge
@@ -239,7 +239,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
 
 
 def test_save_thresholds_and_report_leave_no_temporary_files(tmp_path):
-    from dymu import report
+    from dymu.app import report
     from dymu.calibration import load_thresholds, save_thresholds
 
     save_thresholds(tmp_path / "t.json", [0.5, float("inf")], encoder_name="x", r_per_layer=[1, 0], num_images=2)
@@ -254,7 +254,7 @@ def test_save_thresholds_and_report_leave_no_temporary_files(tmp_path):
 
 
 def test_run_bench_writes_benchmark_json_whole(tmp_path):
-    from dymu import report
+    from dymu.app import report
 
     bench = tmp_path / "benchmarks"
     bench.mkdir()
@@ -272,7 +272,7 @@ def test_run_bench_writes_benchmark_json_whole(tmp_path):
 def test_save_grid_writes_the_picture_whole(tmp_path):
     import numpy as np
 
-    from dymu.visualize import group_image, save_grid
+    from dymu.app.visualize import group_image, save_grid
 
     image = np.full((28, 28, 3), 100, dtype=np.uint8)
     painted = group_image(image, torch.tensor([0, 0, 1, 1]), 2)
@@ -283,7 +283,7 @@ def test_save_grid_writes_the_picture_whole(tmp_path):
 
 def test_main_in_process_exit_codes(monkeypatch, capsys):
     """main() returns the status (2 bad argument, 1 failure, 130 Ctrl-C) instead of raising."""
-    from dymu import cli
+    from dymu.app import cli
 
     assert cli.main(["calibrate", "--model", "dinov2-s14", "--r", "2", "--output", "t.json", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "dymu calibrate: error: --batch-size must be a positive int, got 0\n"

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    from dymu.demo import run
+    from dymu.app.demo import run
 
     result = run(out_dir=str(tmp_path), photo_names=["rocket", "coins"], settings=["low", "high"], timing=False)
     assert os.path.getsize(result["grid"]) > 10_000
@@ -25,7 +25,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_shipped_thresholds_load():
     from dymu.calibration import load_thresholds
-    from dymu.demo import SETTINGS, thresholds_path
+    from dymu.app.demo import SETTINGS, thresholds_path
 
     for setting in SETTINGS:
         th = load_thresholds(thresholds_path(setting), num_layers=12)

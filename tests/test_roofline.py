@@ -50,7 +50,7 @@ def test_model_table_covers_both_models(roofline):
 
 
 def test_report_shows_roofline_beside_measured(roofline, tmp_path):
-    from dymu.report import load_results, render_markdown
+    from dymu.app.report import load_results, render_markdown
 
     cost = roofline.dtome_merge_cost(1, 577, 64, 1024, "fp32").as_dict()
     bench = lambda impl, median: {  # noqa: E731

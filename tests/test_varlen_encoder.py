@@ -91,10 +91,10 @@ def test_bad_layout(models):
 
 @pytest.mark.slow
 def test_packed_equals_padded_dinov2_demo_photos():
-    from dymu.assets import load_dinov2
+    from dymu.app.assets import load_dinov2
     from dymu.calibration import load_thresholds
-    from dymu.demo import thresholds_path
-    from dymu.photos import load_photos
+    from dymu.app.demo import thresholds_path
+    from dymu.app.photos import load_photos
 
     vit, preprocess = load_dinov2()
     photos = load_photos()  # the 13 demo photos

@@ -1,7 +1,10 @@
 """dymu: the model layer of dymu-kernels.
 
-DToMe inside HuggingFace vision encoders, VTU attention inside HF RoPE LLMs, threshold
-calibration and the ``dymu`` command line. The op layer it calls is ``dymu_kernels``.
+The library: DToMe inside HuggingFace vision encoders (``encoders``), VTU attention inside HF
+RoPE LLMs (``vtu_llm``, ``vtu_inputs``) with a compact merged KV cache (``merged_cache``), DyMU in
+an HF LLaVA model with one call (``vlm_patch``) and threshold calibration (``calibration``). The
+op layer it calls is ``dymu_kernels``. The application (the ``dymu`` command, the demo, assets,
+photos, the benchmark report) is the subpackage ``dymu.app``, which the library never imports.
 """
 
 __version__ = "0.1.0"

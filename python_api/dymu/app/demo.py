@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 SETTINGS = ("low", "mid", "high")
-DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")  # the library's shipped thresholds
 PROMPT_BEFORE = "<|im_start|>user\n"
 PROMPT_AFTER = "\nWhat is in this picture? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -126,7 +126,7 @@ class VLMPrompts:
     def vtu_batch(self, image):
         """``build_vtu_inputs`` of the prompt around one merged image (``images_from_encoder``'s
         tokens and map), projected by the VLM's projector: the manual path to ``dymu.generate``."""
-        from .vtu_inputs import VTUImage, build_vtu_inputs
+        from ..vtu_inputs import VTUImage, build_vtu_inputs
 
         embed = self.vlm.get_input_embeddings()
         with torch.no_grad():
@@ -165,8 +165,8 @@ def _decode_rates(llm, prompts: "VLMPrompts", image, tokens: int = 16) -> Dict[s
     """Decode tokens/s of ``dymu.generate`` after the VTU prefill on the research VLM's LLM:
     merged cache vs full cache, plus both caches' bytes (the prefill, timed separately, is in
     neither rate). ``image`` is one ``VTUImage``-like (tokens, pos_map) from the encoder."""
-    from .merged_cache import full_cache_nbytes
-    from .vtu_llm import generate, vtu_forward
+    from ..merged_cache import full_cache_nbytes
+    from ..vtu_llm import generate, vtu_forward
 
     batch = prompts.vtu_batch(image)
     args = (llm, batch.inputs_embeds, batch.pos_map)
@@ -203,8 +203,8 @@ def run(
     from dymu_kernels._backends import implements
 
     from .assets import load_dinov2, load_smollm2
-    from .calibration import load_thresholds
-    from .encoders import DToMeEncoder
+    from ..calibration import load_thresholds
+    from ..encoders import DToMeEncoder
     from .photos import jpeg_size, load_photos
     from .visualize import group_image, save_grid
 
@@ -258,7 +258,7 @@ def run(
                           title="DToMe on DINOv2-S/14: each merged group painted with its mean colour")
 
     # 3. fidelity of the research VLM, a LlavaForConditionalGeneration reached through dymu.patch_vlm
-    from .vlm_patch import patch_vlm
+    from ..vlm_patch import patch_vlm
 
     print("loading SmolLM2-135M-Instruct (first run converts it into the cache) ...", flush=True)
     llm, tokenizer = load_smollm2()
@@ -331,7 +331,7 @@ def run(
                 vlm_dymu[b] = _best_time(lambda: prompts.last(**one))
         say(f"| VLM forward (tower + prefill), 1 photo ({num_patches} vs {kept[s][0]} image tokens) | {vlm_full * 1e3:.0f} ms | "
             + " | ".join(f"{vlm_dymu[b] * 1e3:.0f} ms" if b in vlm_dymu else "n/a" for b in backends) + " |")
-        from .vtu_inputs import images_from_encoder
+        from ..vtu_inputs import images_from_encoder
 
         image = images_from_encoder(outputs[s].last_hidden_state[:1], outputs[s].pos_map[:1], outputs[s].lengths[:1], drop_cls=True)[0]
         decode = _decode_rates(llm, prompts, image)
@@ -341,7 +341,7 @@ def run(
         timings = {"encoder_full": enc_full, "encoder": enc, "vlm_full": vlm_full, "vlm": vlm_dymu, "decode": decode}
 
     report = os.path.join(out_dir, "demo_report.md")
-    from ._atomic import write_text
+    from .._atomic import write_text
 
     write_text(report, "# dymu demo\n\n" + "\n".join(lines) + f"\n\n![groups]({os.path.basename(grid_path)})\n")
     print()

@@ -322,7 +322,7 @@ def _calibration_model(spec, facts: ModelFacts, image_size, device):
     import numpy as np
     import torch
 
-    from .encoder_adapters import resolve
+    from ..encoder_adapters import resolve
     from .photos import center_crop
 
     if spec in BUNDLED:
@@ -363,7 +363,7 @@ def _cmd_calibrate(args) -> int:
     check_r(r, facts, image_size)
     pil = _load_images(paths)
 
-    from .calibration import calibrate_thresholds, save_thresholds
+    from ..calibration import calibrate_thresholds, save_thresholds
 
     model, preprocess, name = _calibration_model(args.model, facts, image_size, device)
     dtype = next(model.parameters()).dtype

@@ -69,7 +69,7 @@ def save_grid(rows: Sequence[Tuple[str, List[Tuple[str, np.ndarray]]]], path: st
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    from ._atomic import atomic_write
+    from .._atomic import atomic_write
 
     with atomic_write(path, "wb") as handle:  # a temporary file renamed over path: never half-written
         fig.savefig(handle, format=os.path.splitext(path)[1][1:] or "png", dpi=110)

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._atomic import atomic_write, write_text
+from .._atomic import atomic_write, write_text
 
 BASELINES = ("official-eager", "fast-path", "full-cache-sdpa")
 IMPL_ORDER = ("official-eager", "fast-path", "full-cache-sdpa", "reference", "native", "triton")
@@ -400,7 +400,7 @@ def find_benchmarks_dir() -> Path:
     here = Path.cwd() / "benchmarks"
     if here.is_dir():
         return here
-    checkout = Path(__file__).resolve().parents[2] / "benchmarks"
+    checkout = Path(__file__).resolve().parents[3] / "benchmarks"
     if checkout.is_dir():
         return checkout
     raise FileNotFoundError("no benchmarks/ folder: run `dymu bench` from the dymu-kernels checkout")
