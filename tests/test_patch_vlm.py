@@ -263,6 +263,30 @@ def test_remove_restores_bit_identical_stock():
     assert torch.equal(greedy(model, inputs), greedy(model, inputs))
 
 
+def test_generate_decodes_from_the_merged_cache():
+    """After an image prompt the patched model's cache is a dymu.MergedCache (the merged rows, not
+    one K/V per position) and every decode step of generate reads it through VTU decode."""
+    model = tiny_llava("siglip", "qwen2", "full")
+    inputs = prompts(model)
+    with dymu.patch_vlm(model, finite_thresholds(model)) as handle:
+        with torch.no_grad():
+            cache = model(**inputs, use_cache=True).past_key_values
+        assert type(cache).__name__ == "MergedCache"
+        steps = []
+        original = type(handle)._decode
+
+        def counted(self, *args, **kwargs):
+            steps.append(1)
+            return original(self, *args, **kwargs)
+
+        type(handle)._decode = counted
+        try:
+            greedy(model, inputs, n=4)
+        finally:
+            type(handle)._decode = original
+    assert len(steps) == 3  # every token after the first comes from the merged cache
+
+
 def test_text_only_calls_are_stock():
     model = tiny_llava()
     inputs = prompts(model, (0, 0))

@@ -24,13 +24,14 @@ a call carries ``pixel_values``:
    ``last_hidden_state`` comes back at the stock shape [B, L, H] (every image position holds
    its merged row's state; padding slots hold 0), so the stock ``lm_head``, ``logits_to_keep``
    and loss code run unchanged;
-5. with ``use_cache`` the cache gets, at every valid slot, exactly the K/V the stock layer
-   would store for the full-length sequence (RoPE at that slot's position), so ``generate``'s
-   decode steps are the stock model's. This is the one seam for a merged KV cache
-   (:meth:`VLMPatch._store_prefill_cache`).
+5. with ``use_cache`` the cache returned is a :class:`dymu.MergedCache` (per layer the merged,
+   unrotated K/V rows plus the map; RoPE is applied when a key is read), whatever cache the
+   caller passed in.
 
-Calls without ``pixel_values`` (text-only prompts, the decode steps of ``generate``) run the
-stock forward unchanged.
+Decode steps of ``generate`` after an image prompt (one new token, the merged cache) run every
+layer's attention through ``dymu_kernels.vtu_decode_attention`` (:meth:`VLMPatch._decode`): the
+image costs its merged rows in memory and in every step. Text-only calls without a merged cache
+run the stock forward unchanged. Beam search (cache reordering) is not supported.
 
 LLaVA-OneVision (anyres): the base image and every crop go through DToMe as separate images;
 the layout steps of the stock model (crop grid permutation, unpadding, image-newline rows) are
@@ -141,13 +142,6 @@ def _causal_lm_view(language_model: nn.Module, text_config) -> nn.Module:
     view.model = language_model
     view.lm_head = nn.Identity()
     return view.eval()
-
-
-def _layer_kv(cache, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) [B, Hkv, Nf, D] of one layer of a DynamicCache (5.x layouts)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]  # pragma: no cover - older caches
 
 
 # ----------------------------------------------------------------------------- the handle
@@ -363,6 +357,8 @@ class VLMPatch:
         if kwargs.get("pixel_values_videos") is not None or (mm_encoder_outputs or {}).get("video") is not None:
             raise NotImplementedError("patch_vlm: video features are pooled (bilinear) after the tower; pooling cannot act on token positions")
         encoded = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is None and encoded is None and _is_merged_cache(cache):
+            return self._decode(input_ids, inputs_embeds, position_ids, cache, kwargs)
         if pixel_values is None and encoded is None:  # text only, or a decode step: the stock model
             stock = type(inner).forward
             if cache is not None:
@@ -397,14 +393,12 @@ class VLMPatch:
         with torch.no_grad():
             batch, slots, positions = self._vtu_batch(input_ids, attention_mask, position_ids, images)
             out = vtu_forward(self._view, batch.inputs_embeds, batch.pos_map, full_lengths=batch.full_lengths,
-                              position_ids=positions, use_cache=bool(use_cache), cache="full", backend=self.backend)  # fmt: skip
+                              position_ids=positions, use_cache=bool(use_cache), backend=self.backend)  # fmt: skip
             hidden = self._to_slots(out.logits, batch, slots, input_ids.shape[1])
             if use_cache:
-                if cache is None:
-                    from transformers import DynamicCache
-
-                    cache = DynamicCache(config=self.model.config.text_config)
-                self._store_prefill_cache(cache, out.past_key_values, batch, slots, input_ids.shape[1])
+                # The merged cache (dymu.MergedCache: merged unrotated K/V rows + the map) replaces
+                # whatever cache the caller passed in; the decode steps read it (see _decode).
+                cache = out.past_key_values
         result = _make_output(inner, hidden, cache if use_cache else None)
         return result if return_dict else result.to_tuple()
 
@@ -481,24 +475,30 @@ class VLMPatch:
         out.scatter_(1, target[..., None].expand(*target.shape, width), torch.where(valid[..., None], full, 0))
         return out[:, :length]
 
-    def _store_prefill_cache(self, cache, vtu_cache, batch, slots: torch.Tensor, length: int) -> None:
-        """Put the prefill's K/V into the cache ``generate`` decodes from.
+    def _decode(self, input_ids, inputs_embeds, position_ids, cache, kwargs):
+        """One decode step of ``generate`` from the merged cache the prefill returned: the new
+        token's K/V become one new row and position of every layer, and attention runs through
+        ``dymu_kernels.vtu_decode_attention`` (keys rotated when read). Positions are the ones
+        the stock model uses (``position_ids`` from generate, else ``cache_position``)."""
+        from .vtu_llm import decode_step
 
-        THE SEAM for a merged KV cache: today ``vtu_forward`` returns the full-length rotated
-        K/V of the compacted sequence, and this scatters it to the padded slots of a standard
-        cache (slot s holds what the stock layer would store there; padding slots hold 0 and are
-        masked by the attention mask), so the stock decode steps follow. A merged cache (merged,
-        unrotated K/V plus the map) replaces this one method.
-        """
-        valid = slots >= 0
-        target = torch.where(valid, slots, length)
-        for layer in range(len(self._inner.language_model.layers)):
-            keys, values = _layer_kv(vtu_cache, layer)
-            bsz, heads, _, dim = keys.shape
-            index = target[:, None, :, None].expand(bsz, heads, target.shape[1], dim)
-            k = keys.new_zeros(bsz, heads, length + 1, dim).scatter_(2, index, keys)[:, :, :length]
-            v = values.new_zeros(bsz, heads, length + 1, dim).scatter_(2, index, values)[:, :, :length]
-            cache.update(k, v, layer)
+        new = input_ids if inputs_embeds is None else inputs_embeds
+        if new is None or new.shape[1] != 1:
+            raise NotImplementedError("patch_vlm: a step after an image prompt must add exactly one token (greedy/sampled generate)")
+        if inputs_embeds is not None:
+            raise NotImplementedError("patch_vlm: decode steps from the merged cache take input_ids, not inputs_embeds")
+        if position_ids is not None:
+            position = position_ids[:, -1].long()
+        elif kwargs.get("cache_position") is not None:
+            position = kwargs["cache_position"][-1:].long().expand(input_ids.shape[0])
+        else:
+            raise ValueError("patch_vlm: a decode step needs position_ids or cache_position")
+        hidden = decode_step(self._view, cache, input_ids[:, -1], position, backend=self.backend)  # lm_head is Identity
+        return _make_output(self._inner, hidden[:, None], cache)
+
+
+def _is_merged_cache(cache) -> bool:
+    return type(cache).__name__ == "MergedCache" and hasattr(cache, "attend")
 
 
 _MISSING = object()
