@@ -17,7 +17,9 @@ if [ -d .gpu_wheels ]; then python -m pip install -q --no-index --find-links .gp
 python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 python -m dymu_kernels
 out="${OUT:-}"
-python -m pytest -q -x tests -m "not slow" -p no:cacheprovider 2>&1 | tail -30
-python -m pytest -q benchmarks --benchmark-enable --benchmark-json="${out:-.}/gpu_benchmark.json" 2>&1 | tail -60
+# Each stage is time-boxed so the whole call fits one 10-minute device command.
+timeout 300 python -m pytest -q tests -m "not slow" -p no:cacheprovider --maxfail=25 2>&1 | tail -40
+timeout 200 python -m pytest -q benchmarks --benchmark-enable --benchmark-json="${out:-.}/gpu_benchmark.json" 2>&1 | tail -60
+timeout 60 python benchmarks/memory.py --out "${out:-.}/vtu_memory.md" || true  # VTU peak memory per backend
 python benchmarks/roofline.py --json "${out:-.}/gpu_benchmark.json" || true  # medians beside the roofline
 python -m dymu bench --render "${out:-.}/gpu_benchmark.json" --out "${out:-benchmarks/results/gpu}" || true
