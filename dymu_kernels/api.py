@@ -285,6 +285,32 @@ def batch_threshold(
     return _run("batch_threshold", node_max.device, backend, node_max, r)
 
 
+def _check_rope_tables(cos, sin, bsz: int, dim: int, positions: int, letter: str) -> None:
+    """cos/sin: tensors of one shape [B, Np, D], [1, Np, D] or [Np, D] with Np >= ``positions``."""
+    layout = f"[B, {letter}', D] or [{letter}', D]"
+    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
+        raise TypeError(f"cos and sin must be tensors ({layout})")
+    if tuple(cos.shape) != tuple(sin.shape):
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check.tensor(name, t, t.dim() if t.dim() in (2, 3) else 3, check.FLOAT_DTYPES, layout)
+        if t.shape[-1] != dim:
+            raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
+        if t.shape[-2] < positions:
+            raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's {letter} = {positions} positions")
+        if t.dim() == 3 and t.shape[0] not in (1, bsz):
+            raise ValueError(f"{name}.shape[0] must be the batch size {bsz} or 1, got shape {tuple(t.shape)}")
+
+
+def _broadcast_rope_tables(cos, sin, bsz: int):
+    """[Np, D] / [1, Np, D] / [B, Np, D] -> [B, Np, D] views (HF rotary output broadcasts over B)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    if cos.shape[0] != bsz:
+        cos, sin = cos.expand(bsz, *cos.shape[1:]), sin.expand(bsz, *sin.shape[1:])
+    return cos, sin
+
+
 def vtu_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -352,27 +378,13 @@ def vtu_attention(
     if pos_map.shape[0] != bsz or pos_map.shape[1] < 1:
         raise ValueError(f"pos_map must be [B, Nf] with B = {bsz} and Nf >= 1, got {tuple(pos_map.shape)}")
     nf = pos_map.shape[1]
-    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
-        raise TypeError("cos and sin must be tensors ([B, Nf, D] or [Nf, D])")
-    if tuple(cos.shape) != tuple(sin.shape):
-        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check.tensor(name, t, t.dim() if t.dim() in (2, 3) else 3, check.FLOAT_DTYPES, "[B, Nf, D] or [Nf, D]")
-        if t.shape[-1] != dim:
-            raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
-        if t.shape[-2] < nf:
-            raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's Nf = {nf} positions")
-        if t.dim() == 3 and t.shape[0] not in (1, bsz):
-            raise ValueError(f"{name}.shape[0] must be the batch size {bsz} or 1, got shape {tuple(t.shape)}")
+    _check_rope_tables(cos, sin, bsz, dim, nf, "Nf")
     check.same_device(device, k=k, v=v, cos=cos, sin=sin, pos_map=pos_map)
     full_lengths = check.lengths("full_lengths", full_lengths, bsz, nf, device, validate)
     if check.values_checkable(pos_map, validate):
         valid = torch.arange(nf, device=device) < full_lengths[:, None]
         check.index_range("pos_map", pos_map, 0, nu, validate, mask=valid)
-    if cos.dim() == 2:
-        cos, sin = cos[None], sin[None]
-    if cos.shape[0] != bsz:  # [1, Nf', D] (what HF rotary embeddings return): broadcast over B
-        cos, sin = cos.expand(bsz, *cos.shape[1:]), sin.expand(bsz, *sin.shape[1:])
+    cos, sin = _broadcast_rope_tables(cos, sin, bsz)
     scale = float(dim**-0.5) if scale is None else scale
     return _run(
         "vtu_attention", device, backend, q, k, v, cos, sin, pos_map.to(torch.int32), full_lengths, causal, scale
@@ -448,18 +460,7 @@ def vtu_decode_attention(
     check.tensor("q_positions", q_positions, 2, check.INDEX_DTYPES, "[B, Tq] int")
     if tuple(q_positions.shape) != (bsz, tq):
         raise ValueError(f"q_positions must be [B, Tq] = {(bsz, tq)} like q, got {tuple(q_positions.shape)}")
-    if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor):
-        raise TypeError("cos and sin must be tensors ([B, P', D] or [P', D])")
-    if tuple(cos.shape) != tuple(sin.shape):
-        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check.tensor(name, t, t.dim() if t.dim() in (2, 3) else 3, check.FLOAT_DTYPES, "[B, P', D] or [P', D]")
-        if t.shape[-1] != dim:
-            raise ValueError(f"{name} must be D = {dim} wide (last dim), got shape {tuple(t.shape)}")
-        if t.shape[-2] < num_pos:
-            raise ValueError(f"{name} has {t.shape[-2]} rows, fewer than the map's P = {num_pos} positions")
-        if t.dim() == 3 and t.shape[0] not in (1, bsz):
-            raise ValueError(f"{name}.shape[0] must be the batch size {bsz} or 1, got shape {tuple(t.shape)}")
+    _check_rope_tables(cos, sin, bsz, dim, num_pos, "P")
     check.same_device(device, k_rows=k_rows, v_rows=v_rows, cos=cos, sin=sin, pos_map=pos_map, q_positions=q_positions)
     full_lengths = check.lengths("full_lengths", full_lengths, bsz, num_pos, device, validate)
     if check.values_checkable(pos_map, validate):
@@ -472,10 +473,7 @@ def vtu_decode_attention(
         lo, hi = q_positions.aminmax() if q_positions.numel() else (0, 0)
         if lo < 0 or hi >= cos.shape[-2]:
             check.index_range("q_positions", q_positions, 0, cos.shape[-2], validate)
-    if cos.dim() == 2:
-        cos, sin = cos[None], sin[None]
-    if cos.shape[0] != bsz:  # [1, P', D] (what HF rotary embeddings return): broadcast over B
-        cos, sin = cos.expand(bsz, *cos.shape[1:]), sin.expand(bsz, *sin.shape[1:])
+    cos, sin = _broadcast_rope_tables(cos, sin, bsz)
     scale = float(dim**-0.5) if scale is None else scale
     return _run(
         "vtu_decode_attention", device, backend, q, k_rows, v_rows, cos, sin,
