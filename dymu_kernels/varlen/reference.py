@@ -58,14 +58,17 @@ def _gather_padded(packed: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -
     return packed[rows]
 
 
-def _merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, width):
-    """The same step through the padded reference on [B, width] views (width >= every length):
-    O(B * width^2) work instead of the dense path's O(T^2)."""
-    from ..dtome import reference as padded
+def merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, width, padded_merge=None):
+    """The same step through a padded ``dtome_merge`` backend on [B, width] gathers of the packed
+    rows (width >= every length), scattered back to the packed layout: O(B * width^2) work
+    instead of the dense path's O(T^2). ``padded_merge``: a backend's normalised
+    ``dtome_merge`` (default the reference's); no host sync."""
+    if padded_merge is None:
+        from ..dtome.reference import dtome_merge as padded_merge
 
     num_rows = x.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
-    res = padded.dtome_merge(
+    res = padded_merge(
         _gather_padded(x, cu_seqlens, width), _gather_padded(metric, cu_seqlens, width),
         _gather_padded(size, cu_seqlens, width), lengths, threshold, None, protect_first,
     )
@@ -99,7 +102,7 @@ def dtome_merge_varlen(
     reference on [B, max_seqlen] views; otherwise on dense block-diagonal [T, T] scores."""
     num_rows, _ = x.shape
     if 0 < max_seqlen < num_rows:
-        return _merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen)
+        return merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen)
     batch = cu_seqlens.shape[0] - 1
     device = x.device
     rows = torch.arange(num_rows, device=device)

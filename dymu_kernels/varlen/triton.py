@@ -8,8 +8,12 @@ the packed total. No host sync: the grid is sized by a static bound on any image
 once. No per-length recompilation (lengths live on the device; the bound is do_not_specialize),
 no autotuning.
 
-Not done here (honest note): ``dtome_merge_varlen`` has no Triton kernel yet; the selection of
-backends reports it (``dk.backend_info`` / ``dymu_kernels._backends.implements``).
+``dtome_merge_varlen`` runs the padded Triton DToMe kernels (``dymu_kernels.dtome.triton``) on a
+[B, W] gather of the packed rows (W = ``max_seqlen`` when given, else T) and scatters the result
+back to the packed layout (``reference.merge_via_padded``: a few device gathers, no host sync).
+Honest note: the gather holds B * W rows for the step (the padding the packed layout avoids
+elsewhere), so pass ``max_seqlen``; a merge kernel that reads the packed rows directly is future
+work.
 Limitations: inference only; D even and <= 128; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1 (tests).
 """
@@ -23,7 +27,7 @@ import triton
 from .._alloc import empty
 from .triton_kernels import varlen_attention_fwd_kernel, zero_tail_rows_kernel
 
-SUPPORTED = frozenset({"proportional_attention_varlen"})
+SUPPORTED = frozenset({"proportional_attention_varlen", "dtome_merge_varlen"})
 
 LOG2_E = 1.0 / math.log(2.0)
 ZERO_BLOCK = 1024
@@ -31,6 +35,17 @@ ZERO_BLOCK = 1024
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dtome_merge_varlen(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen=0):
+    """Normalised arguments of ``reference.dtome_merge_varlen``; see the module docstring."""
+    from ..dtome import triton as padded
+    from .reference import merge_via_padded
+
+    num_rows = x.shape[0]
+    width = max_seqlen if 0 < max_seqlen <= num_rows else num_rows
+    return merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, width,
+                            padded_merge=padded.dtome_merge)  # fmt: skip
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = False) -> dict:
