@@ -23,6 +23,8 @@ import os
 import pytest
 import torch
 
+from dymu.app.encoder_cost import flop_ideal_speedup
+
 import dymu_kernels as dk
 from harness import DEVICE, kernel_backends, sync
 
@@ -116,27 +118,6 @@ def demo():
     pixels = preprocess([img for _, img in load_photos()]).to(DEVICE)
     thresholds = {s: load_thresholds(thresholds_path(s), num_layers=vit.config.num_hidden_layers) for s in SETTINGS}
     return vit, pixels, thresholds
-
-
-def block_flops(rows_in, rows_out, dim: int, mlp_dim: int) -> float:
-    """FLOPs of one block: q/k/v/out projections and attention on the rows entering it (per
-    image), the MLP on the rows after its merge."""
-    rows_in, rows_out = rows_in.double(), rows_out.double()
-    proj = 2 * 4 * dim * dim * rows_in.sum()
-    attn = 2 * 2 * dim * (rows_in**2).sum()
-    mlp = 2 * 2 * dim * mlp_dim * rows_out.sum()
-    return float(proj + attn + mlp)
-
-
-def flop_ideal_speedup(layer_lengths, n0: int, dim: int, mlp_dim: int) -> float:
-    bsz = layer_lengths.shape[1]
-    full = torch.full((bsz,), n0)
-    unmerged = sum(block_flops(full, full, dim, mlp_dim) for _ in range(layer_lengths.shape[0]))
-    merged, rows = 0.0, full
-    for after in layer_lengths:
-        merged += block_flops(rows, after, dim, mlp_dim)
-        rows = after
-    return unmerged / merged
 
 
 ENCODER_CASES = [("stock-hf", None), ("unmerged-loop", None)] + [(impl, s) for s in SETTINGS for impl in ("packed", "padded")]
