@@ -175,9 +175,17 @@ def model_bytes(name: str, impl: str, batch: int, dtype=torch.bfloat16):
     """Modelled peak extra bytes of one call (see the module docstring), or None."""
     if impl == "native":
         return native_model_bytes(name, batch, dtype)
-    if impl in ("fast-path", "reference"):
-        args = _vtu_inputs(name, batch, dtype, "meta")
+    args = _vtu_inputs(name, batch, dtype, "meta")
+    if impl == "fast-path":
         return meta_peak_bytes(lambda: _call(impl, args))
+    if impl == "reference":  # its module function: through dk the custom op's fake shows the output only
+        from dymu_kernels.vtu import reference
+
+        q, k, v, cos, sin, pos_map = args
+        full = torch.full((batch,), pos_map.shape[1], dtype=torch.int32, device="meta")
+        rope = [t.expand(batch, *t.shape) for t in (cos, sin)]
+        return meta_peak_bytes(lambda: reference.vtu_attention(q, k, v, *rope, pos_map.to(torch.int32), full, True,
+                                                               q.shape[-1] ** -0.5))
     return None
 
 
