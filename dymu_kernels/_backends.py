@@ -82,7 +82,7 @@ def implements(backend: str, op: str) -> bool:
         return False
     try:
         return op in module(backend, FAMILIES[op]).SUPPORTED
-    except ImportError:
+    except (ImportError, RuntimeError):  # RuntimeError: a stale _C lacks the op's kernel (rebuild it)
         return False
 
 
