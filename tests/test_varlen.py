@@ -259,7 +259,10 @@ def test_attention_varlen_max_seqlen_bound(backend):
     args = [t.to(device) for t in (q, k, v, size, cu)]
     a = dk.proportional_attention_varlen(*args, backend=backend)
     b = dk.proportional_attention_varlen(*args, max_seqlen=20, backend=backend)
-    assert torch.equal(a, b)
+    if backend == "reference":  # dense [T, T] vs [B, W, W] scores: the same math in another summation order
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(a, b)
     with pytest.raises(ValueError, match="max_seqlen"):
         dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=19, backend=backend)
     with pytest.raises(ValueError, match="max_seqlen"):

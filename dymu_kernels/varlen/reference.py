@@ -165,15 +165,39 @@ def dtome_merge_varlen(
     return DToMeVarlenResult(x_out, size_out, new_cu, new_pos, row_map)
 
 
+def _attention_via_padded(q, k, v, size, cu_seqlens, scale, width):
+    """proportional_attention_varlen on [B, width] gathers of the packed rows (width >= every length)."""
+    num_rows = q.shape[0]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    local_valid = torch.arange(width, device=q.device) < lengths[:, None]  # [B, W]
+    qp, kp, vp = (_gather_padded(t, cu_seqlens, width).float().transpose(1, 2) for t in (q, k, v))  # [B, H, W, D]
+    sp = _gather_padded(size, cu_seqlens, width).float()
+    qp, kp, vp = (torch.where(local_valid[:, None, :, None], t, 0.0) for t in (qp, kp, vp))  # garbage rows may be NaN
+    bias = torch.where(local_valid, torch.where(local_valid, sp, 1.0).log(), float("-inf"))  # [B, W]
+    logits = (qp @ kp.transpose(-1, -2)) * scale + bias[:, None, None, :]
+    row_max = logits.amax(dim=-1, keepdim=True)
+    live = row_max > float("-inf")
+    p = torch.exp(logits - torch.where(live, row_max, 0.0))
+    p = torch.where(live, p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30), 0.0)
+    out = (p @ vp).transpose(1, 2)  # [B, W, H, D]
+    seg, local, valid = segments(cu_seqlens, num_rows)
+    rows = out[seg.long(), local.long().clamp(0, width - 1)]
+    return torch.where(valid[:, None, None], rows, 0.0).to(q.dtype).contiguous()
+
+
 def proportional_attention_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
     max_seqlen: int = 0,
 ) -> torch.Tensor:
     """Block-diagonal attention with the log-size key bias; see ``dk.proportional_attention_varlen``.
 
-    Dense [H, T, T] masked fp32 scores (the spec, not a fast path). Query rows past the total, and
-    rows whose image has no key of positive size, come out as zero. max_seqlen is ignored here.
+    Dense [H, T, T] masked fp32 scores (the spec, not a fast path); with a bound
+    0 < max_seqlen < T on every image's length, the same math on [B, H, max_seqlen, max_seqlen]
+    gathers instead. Query rows past the total, and rows whose image has no key of positive size,
+    come out as zero.
     """
+    if 0 < max_seqlen < q.shape[0]:
+        return _attention_via_padded(q, k, v, size, cu_seqlens, scale, max_seqlen)
     num_rows = q.shape[0]
     seg, _, valid = segments(cu_seqlens, num_rows)
     same = (seg[:, None] == seg[None, :]) & valid[:, None] & valid[None, :]
