@@ -285,6 +285,14 @@ def batch_threshold(
     return _run("batch_threshold", node_max.device, backend, node_max, r)
 
 
+def _check_heads(hq: int, hkv: int, dim: int) -> None:
+    """Grouped-query heads (Hq a multiple of Hkv) and an even head dim D <= MAX_HEAD_DIM."""
+    if hq % hkv != 0:
+        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) for grouped-query attention")
+    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+
+
 def _check_rope_tables(cos, sin, bsz: int, dim: int, positions: int, letter: str) -> None:
     """cos/sin: tensors of one shape [B, Np, D], [1, Np, D] or [Np, D] with Np >= ``positions``."""
     layout = f"[B, {letter}', D] or [{letter}', D]"
@@ -369,10 +377,7 @@ def vtu_attention(
         raise ValueError(f"k/v must be [B, Hkv, Nu, D] with B, Nu, D = {bsz}, {nu}, {dim} like q, got {tuple(k.shape)}")
     if nu < 1 or hkv < 1:
         raise ValueError(f"need at least one merged row and one head, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if hq % hkv != 0:
-        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) for grouped-query attention")
-    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+    _check_heads(hq, hkv, dim)
     device = q.device
     check.tensor("pos_map", pos_map, 2, check.INDEX_DTYPES, "[B, Nf] int")
     if pos_map.shape[0] != bsz or pos_map.shape[1] < 1:
@@ -448,10 +453,7 @@ def vtu_decode_attention(
         raise ValueError(f"k_rows/v_rows must be [B, Hkv, R, D] with B, D = {bsz}, {dim} like q, got {tuple(k_rows.shape)}")
     if num_rows < 1 or hkv < 1 or hq < 1:
         raise ValueError(f"need at least one row and one head, got q {tuple(q.shape)}, k_rows {tuple(k_rows.shape)}")
-    if hq % hkv != 0:
-        raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv}) for grouped-query attention")
-    if dim % 2 != 0 or not 2 <= dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D must be even and in [2, {MAX_HEAD_DIM}], got {dim}")
+    _check_heads(hq, hkv, dim)
     device = q.device
     check.tensor("pos_map", pos_map, 2, check.INDEX_DTYPES, "[B, P] int")
     if pos_map.shape[0] != bsz or pos_map.shape[1] < 1:

@@ -47,3 +47,27 @@ def onto_map(batch: int, num_full: int, num_merged: int, generator=None) -> torc
         extra = torch.randint(0, num_merged, (num_full - num_merged,), generator=generator)
         maps.append(torch.sort(torch.cat([torch.arange(num_merged), extra])).values)
     return torch.stack(maps).to(torch.int32)
+
+
+TINY_LLM = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+    max_position_embeddings=256,
+    attn_implementation="eager",
+)
+
+
+def tiny_causal_lm(cls_name: str, config_name: str, **extra):
+    """A seeded random HF causal LM (e.g. "LlamaForCausalLM", "LlamaConfig") of TINY_LLM's size,
+    eval mode, no EOS (so generate runs its full length); ``extra`` overrides config fields."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**{**TINY_LLM, **extra})
+    model = getattr(transformers, cls_name)(config).eval()
+    model.generation_config.eos_token_id = None
+    return model

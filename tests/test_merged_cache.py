@@ -12,22 +12,13 @@ import pytest
 import torch
 
 import dymu
+from helpers import tiny_causal_lm  # noqa: E402
 from conftest import backend_params
 
 transformers = pytest.importorskip("transformers")
 
 BACKENDS = [p for p in backend_params("vtu_decode_attention") if p.id != "triton"]
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=256,
-    attn_implementation="eager",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,9 +30,7 @@ def _one_thread():
 
 
 def _tiny(cls_name, config_name):
-    torch.manual_seed(0)
-    model = getattr(transformers, cls_name)(getattr(transformers, config_name)(**TINY)).eval()
-    model.generation_config.eos_token_id = None
+    model = tiny_causal_lm(cls_name, config_name)
     if cls_name.startswith("Qwen2"):
         with torch.no_grad():
             for layer in model.model.layers:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dymu
+from helpers import tiny_causal_lm  # noqa: E402
 from conftest import backend_params
 from dymu.vtu_llm import _patched_attention, _plan
 
@@ -20,16 +21,6 @@ transformers = pytest.importorskip("transformers")
 BACKENDS = [p for p in backend_params("vtu_attention") if p.id != "triton"]
 TRITON = [p for p in backend_params("vtu_attention") if p.id == "triton"]
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=256,
-    attn_implementation="eager",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,12 +32,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _tiny(cls_name, config_name, **extra):
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**{**TINY, **extra})
-    model = getattr(transformers, cls_name)(config).eval()
-    model.generation_config.eos_token_id = None
-    return model
+_tiny = tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
