@@ -136,7 +136,7 @@ def vtu_attention_cost(batch: int, hq: int, hkv: int, d: int, nf: int, nu: int, 
     readers = hq if kv_per_query_head else hkv
     kv = readers * keys * (2 * d * e + 2 * d * er + 4)  # K, V rows + cos/sin + map per key
     q = hq * nf * (d * e + 2 * d * er + 4)  # queries gathered per position, rotated
-    out = hq * nu * d * e + hq * nu * d * 4  # output + the fp32 side buffer of straddling rows (bound)
+    out = hq * nu * d * e + hq * nu * d * 4 * 2  # output + the fp32 carry of open rows (written and read, bound)
     return Cost(ideal, flops, batch * (kv + q + out), tensor_cores=dtype != "fp32")
 
 

@@ -82,4 +82,8 @@ def test_native_scratch_does_not_grow_with_nf(tmp_path):
 @pytest.mark.interpreter
 @pytest.mark.skipif(not implements("triton", "vtu_attention"), reason="triton backend unavailable")
 def test_triton_allocates_nothing_of_full_length(tmp_path):
-    check_bound("triton", tmp_path, shape=INTERPRETER_SHAPE)
+    """Beyond the quarter bound: the output, the fp32 carry (at most Nu rows per head, so at
+    most the output's size in fp32) and O(Nf) int32 are all the kernel allocates."""
+    sizes = check_bound("triton", tmp_path, shape=INTERPRETER_SHAPE)
+    bsz, hq, _, d, nf, nu = INTERPRETER_SHAPE
+    assert sum(sizes) <= 2 * bsz * hq * nu * d * 4 + 16 * bsz * nf + 4096, sorted(sizes)

@@ -285,7 +285,65 @@ def test_compile_specs_match_kernels_and_cover_the_runtime_dtypes():
     from dymu_kernels.vtu import triton_kernels
 
     source = inspect.getsource(triton_kernels)
-    for kernel in ("vtu_attention_fwd_kernel", "vtu_group_rows_kernel", "vtu_finish_rows_kernel"):
+    for kernel in ("vtu_attention_fwd_kernel", "vtu_group_rows_kernel", "vtu_zero_empty_rows_kernel"):
         dns = re.search(r"do_not_specialize=\[([^\]]*)\]\s*\)\s*def " + kernel, source).group(1)
         names = set(re.findall(r'"(\w+)"', dns))
         assert "num_merged" in names and not any(name.startswith("stride") for name in names), (kernel, names)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 1)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("nu", [3, 40], ids=["carry-by-row", "carry-by-tile"])
+def test_whole_rows_spanning_many_steps(causal, hq, hkv, nu):
+    """A merged row far longer than a step (BLOCK_S slots) is walked by the one program that
+    owns it, its partial sum carried from step to step; the programs whose tiles it covers
+    own nothing. nu=3 < num_tiles indexes the carry by row, nu=40 by tile."""
+    nf = 130
+    rows = torch.cat([torch.full((70,), 1), torch.arange(nu), torch.randint(0, nu, (nf - 70 - nu,),
+                                                                          generator=torch.Generator().manual_seed(11))])
+    pos_map = rows[torch.randperm(nf, generator=torch.Generator().manual_seed(12))][None].to(torch.int32)
+    q, k, v = make_inputs(1, hq, hkv, nu, 16, torch.float32, seed=13)
+    cos, sin = rope_tables(nf, 16)
+    out = run(q, k, v, cos, sin, pos_map, causal=causal)
+    check(out, q, k, v, cos, sin, pos_map, causal=causal)
+    assert torch.equal(out, run(q, k, v, cos, sin, pos_map, causal=causal))  # bit-identical
+
+
+def test_one_row_image_and_identity_map():
+    """Every position in one merged row (one program walks the whole image), and the identity
+    map (every row one slot: no carry at all) equals plain causal attention."""
+    nf, d = 50, 16
+    q, k, v = make_inputs(1, 2, 2, 1, d, torch.float32, seed=14)
+    cos, sin = rope_tables(nf, d)
+    one_row = torch.zeros(1, nf, dtype=torch.int32)
+    check(run(q, k, v, cos, sin, one_row), q, k, v, cos, sin, one_row)
+    q, k, v = make_inputs(1, 2, 2, nf, d, torch.float32, seed=15)
+    identity = torch.arange(nf, dtype=torch.int32)[None]
+    out = run(q, k, v, cos, sin, identity)
+    from dymu_kernels.vtu.reference import apply_rope
+
+    qr, kr = apply_rope(q, cos[None, :nf], sin[None, :nf]), apply_rope(k, cos[None, :nf], sin[None, :nf])
+    plain = torch.nn.functional.scaled_dot_product_attention(qr, kr, v, is_causal=True)
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_carry_is_min_of_rows_and_tiles(monkeypatch):
+    """The only fp32 scratch is the carry, [B, Hq, min(Nu, num_tiles), D]: never Nf x D."""
+    from dymu_kernels.vtu import triton as vt
+
+    made = []
+    real_empty = vt.empty
+    monkeypatch.setattr(vt, "empty", lambda shape, dtype, device: made.append((tuple(shape), dtype))
+                        or real_empty(shape, dtype, device))
+    nf, d = 96, 16
+    cfg = vt.attention_config(d, torch.float32, interpreter=True)
+    num_tiles = -(-nf // cfg["BLOCK_M"])
+    for nu in (2, 40):
+        made.clear()
+        q, k, v = make_inputs(1, 2, 2, nu, d, torch.float32, seed=16)
+        cos, sin = rope_tables(nf, d)
+        pos_map = scattered_map(1, nf, nu, torch.tensor([nf]), seed=17)
+        check(run(q, k, v, cos, sin, pos_map), q, k, v, cos, sin, pos_map)
+        fp32 = [shape for shape, dtype in made if dtype == torch.float32]
+        fp32.remove((1, 2, nu, d))  # the output
+        assert fp32 == [(1, 2, min(nu, num_tiles), d)], fp32

@@ -3,17 +3,17 @@
 ``vtu_attention`` takes the normalised arguments of ``dymu_kernels.vtu.reference.vtu_attention``
 and runs three kernels (``triton_kernels.py``): a stable counting sort of the valid positions
 by merged row, the fused gather + RoPE + flash-attention forward over those positions in
-merged-row order with the re-merge mean in its epilogue, and a small pass that finishes the
-rows straddling query tiles (and zeroes unmapped rows). No host sync (lengths stay on the
-device, all sizes are static), no per-length recompilation (only the integer sizes Nf, Nu,
-Hq, group and tile count are do_not_specialize; pointers and strides keep Triton's
-divisibility / unit-stride specialisation, which gives vectorised loads and cp.async), no
-autotuning (block sizes are picked here from D, the dtype and the GPU).
+merged-row order, tiled on whole merged rows with each row's mean formed in its epilogue, and
+a small pass that zeroes unmapped rows. No host sync (lengths stay on the device, all sizes
+are static), no per-length recompilation (only the integer sizes are do_not_specialize;
+pointers and strides keep Triton's divisibility / unit-stride specialisation, which gives
+vectorised loads and cp.async), no autotuning (block sizes are picked here from D, the dtype
+and the GPU).
 
 Memory beyond the output: int32 [B, Nf] (positions grouped by row) and 2 x [B, Nu], plus the
-fp32 partial sums of straddling rows, [B, Hq, num_tiles, 2, D] with num_tiles = cdiv(Nf,
-BLOCK_S), BLOCK_S = BLOCK_M // GROUP_HEADS (16 to 64 query slots): 1/8 to 1/32 of a
-per-position fp32 output. Q, K, V and the attention output are never expanded to full length.
+fp32 carry of rows still open at the end of a step, [B, Hq, min(Nu, num_tiles), D] with
+num_tiles = cdiv(Nf, BLOCK_S): O(B * Hq * Nu * D), at most the output's size in fp32. Q, K, V
+and the attention output are never expanded to full length.
 
 Every launch runs under ``torch.cuda.device(q.device)`` (``_device_guard``), so tensors on a
 GPU other than the current one use their own device and its current stream.
@@ -23,7 +23,7 @@ CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests; dots then run in f
 because the interpreter has no bf16 dot; the GPU's bf16 roundings are emulated in
 tests/test_vtu_bf16_emulation.py). The compile check (``python -m dymu_kernels.compile_check``)
 must show no spills: the tiles of ``attention_config`` are the largest found spill-free
-(sm_80 and D not a multiple of 16 get BLOCK_M = 32).
+(sm_80, sm_90 for D > 64 and D not a multiple of 16 get BLOCK_M = 32).
 """
 
 import contextlib
@@ -35,7 +35,7 @@ import torch
 import triton
 
 from .._alloc import empty
-from .triton_kernels import vtu_attention_fwd_kernel, vtu_finish_rows_kernel, vtu_group_rows_kernel
+from .triton_kernels import vtu_attention_fwd_kernel, vtu_group_rows_kernel, vtu_zero_empty_rows_kernel
 
 SUPPORTED = frozenset({"vtu_attention"})
 
@@ -57,7 +57,8 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
     powers of two >= 16 (tl.dot needs K, N >= 16). fp16/bf16 dot in the input dtype with
     fp32 accumulation; fp32 dots are IEEE (CUDA cores). Every key tile is gathered and
     rotated in registers and the epilogue's segmented scan holds two [BLOCK_M, BLOCK_D]
-    tiles, which is what bounds BLOCK_M and BLOCK_N: the choices below are the largest that
+    tiles (and the whole-row step loop keeps the row bookkeeping live), which is what bounds
+    BLOCK_M and BLOCK_N: the choices below are the largest that
     compile without spills (``python -m dymu_kernels.compile_check``) on sm_90
     (capability >= 9) and sm_80, for cos/sin in fp32 and in q's dtype.
     """
@@ -72,9 +73,9 @@ def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = Fals
         cfg.update(BLOCK_M=32 if wide else 64, BLOCK_N=16, num_warps=8, num_stages=2)
     elif head_dim % 16 != 0:  # D = 72, ...: no 16-element alignment, the padded halves cost most
         cfg.update(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
-    elif tuple(capability) >= (9, 0):
-        cfg.update(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=2)
-    else:  # sm_80: BLOCK_M = 64 spills a few bytes for every D here
+    elif tuple(capability) >= (9, 0) and not wide:
+        cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    else:  # sm_80, and sm_90 for D > 64 (the whole-row step loop): BLOCK_M = 64 spills 16-48 B
         cfg.update(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     return cfg
 
@@ -87,8 +88,8 @@ def _capability(device_index: int):
 def grouping_config(interpreter: bool = False) -> dict:
     """Tile sizes of the counting-sort and re-merge kernels."""
     if interpreter:
-        return dict(BLOCK_R=16, BLOCK_P=16, BLOCK_H=2)
-    return dict(BLOCK_R=32, BLOCK_P=128, BLOCK_H=4)
+        return dict(BLOCK_R=16, BLOCK_P=16)
+    return dict(BLOCK_R=32, BLOCK_P=128)
 
 
 def group_heads(num_kv_groups: int, block_m: int) -> int:
@@ -124,34 +125,38 @@ def _launch(q, k, v, cos, sin, pos_map, full_lengths, causal: bool, scale: float
     block_s = cfg["BLOCK_M"] // heads
     num_tiles = triton.cdiv(nf, block_s)
     chunks = triton.cdiv(group, heads)
-    if hq * num_tiles * 2 * dim >= 2**31 or hq * nu * dim >= 2**31:
-        raise ValueError(f"one image's output/side buffer spans >= 2**31 elements (Hq={hq}, Nu={nu}, Nf={nf}, D={dim})")
+    # The carry of rows still open at a step's end: one entry per program and head, indexed by
+    # the program's first row or by its tile, whichever is fewer.
+    carry_by_row = nu < num_tiles
+    num_carry = min(nu, num_tiles)
+    if hq * num_carry * dim >= 2**31 or hq * nu * dim >= 2**31:
+        raise ValueError(f"one image's output/carry buffer spans >= 2**31 elements (Hq={hq}, Nu={nu}, Nf={nf}, D={dim})")
     full_lengths = full_lengths.to(torch.int32)
     out = empty((bsz, hq, nu, dim), q.dtype, q.device)
-    # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the partial sums of rows
-    # that straddle query tiles (fp32 [B, Hq, num_tiles, 2, D]); nothing of size Nf x D.
-    # Poisoned too under poison_outputs(), so a read of an unwritten entry fails the tests.
+    # Extra memory: the grouping (int32 [B, Nf] + 2 x [B, Nu]) and the fp32 carry [B, Hq,
+    # min(Nu, num_tiles), D]; nothing of size Nf x D. Poisoned too under poison_outputs(), so a
+    # read of an unwritten entry fails the tests.
     row_start = empty((bsz, nu), torch.int32, q.device)
     row_count = empty((bsz, nu), torch.int32, q.device)
     order = empty((bsz, nf), torch.int32, q.device)
-    side = empty((bsz, hq, num_tiles, 2, dim), torch.float32, q.device)
+    carry = empty((bsz, hq, num_carry, dim), torch.float32, q.device)
     with _device_guard(q):
         vtu_group_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz)](
             pos_map, full_lengths, row_start, row_count, order, *pos_map.stride(), nu, nf,
             BLOCK_R=grp["BLOCK_R"], BLOCK_P=grp["BLOCK_P"], num_warps=4,
         )
         vtu_attention_fwd_kernel[(num_tiles, bsz * hkv * chunks)](
-            q, k, v, cos, sin, pos_map, full_lengths, order, row_start, row_count, out, side,
+            q, k, v, cos, sin, pos_map, full_lengths, order, row_start, row_count, out, carry,
             *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(), *pos_map.stride(),
-            *out.stride(), hq, group, nu, nf, num_tiles, float(scale) * LOG2_E,
+            *out.stride(), hq, group, nu, nf, num_carry, int(carry_by_row), float(scale) * LOG2_E,
             HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=bool(causal),
             DOT_FP32=interp or q.dtype == torch.float32, INPUT_PRECISION="ieee",
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        vtu_finish_rows_kernel[(nu, bsz, triton.cdiv(hq, grp["BLOCK_H"]))](
-            side, row_start, row_count, out, *out.stride(), hq, nu, num_tiles,
-            HEAD_DIM=dim, BLOCK_S=block_s, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        vtu_zero_empty_rows_kernel[(triton.cdiv(nu, grp["BLOCK_R"]), bsz, hq)](
+            row_count, out, *out.stride(), hq, nu,
+            HEAD_DIM=dim, BLOCK_R=grp["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
         )
     return out
 
@@ -206,7 +211,7 @@ def vtu_attention(
 
 
 ATTN_ARGS = [
-    "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START", "ROW_COUNT", "OUT", "SIDE",
+    "Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START", "ROW_COUNT", "OUT", "CARRY",
     "stride_qb", "stride_qh", "stride_qn", "stride_qd",
     "stride_kb", "stride_kh", "stride_kn", "stride_kd",
     "stride_vb", "stride_vh", "stride_vn", "stride_vd",
@@ -214,7 +219,7 @@ ATTN_ARGS = [
     "stride_sb", "stride_sn", "stride_sd",
     "stride_mb", "stride_mn",
     "stride_outb", "stride_outh", "stride_outn", "stride_outd",
-    "num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale",
+    "num_heads", "num_kv_groups", "num_merged", "num_full", "num_carry", "carry_by_row", "qk_scale",
 ]
 # (D, GQA group) pairs compiled: the common LLM head dims, padded ones, and packed groups
 # (GROUP_HEADS = group_heads(group, BLOCK_M), as the launcher picks it).
@@ -246,13 +251,13 @@ def _specs():
                 sig = {name: "i32" for name in ATTN_ARGS}
                 sig.update(Q=ptr[dtype], K=ptr[dtype], V=ptr[dtype], COS=ptr[cs_dtype], SIN=ptr[cs_dtype],
                            POS_MAP="*i32", FULL_LEN="*i32", ORDER="*i32", ROW_START="*i32", ROW_COUNT="*i32",
-                           OUT=ptr[dtype], SIDE="*fp32", qk_scale="fp32")
+                           OUT=ptr[dtype], CARRY="*fp32", qk_scale="fp32")
                 consts = dict(HEAD_DIM=dim, BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_D=cfg["BLOCK_D"],
                               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_HEADS=heads, CAUSAL=True,
                               DOT_FP32=dtype == torch.float32, INPUT_PRECISION="ieee")
                 sig.update({name: "constexpr" for name in consts})
                 divisible = ["Q", "K", "V", "COS", "SIN", "POS_MAP", "FULL_LEN", "ORDER", "ROW_START",
-                             "ROW_COUNT", "OUT", "SIDE", "stride_cb", "stride_sb"]
+                             "ROW_COUNT", "OUT", "CARRY", "stride_cb", "stride_sb"]
                 if dim % 16 == 0:
                     divisible += ["stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
                                   "stride_vb", "stride_vh", "stride_vn", "stride_cn", "stride_sn",
@@ -275,23 +280,19 @@ def _specs():
                     "equal_to_1": ["stride_mn"]},
         name="vtu_group_rows",
     ))
-    finish_args = ["stride_outb", "stride_outh", "stride_outn", "stride_outd", "num_heads", "num_merged", "num_tiles"]
+    zero_args = ["stride_outb", "stride_outh", "stride_outn", "stride_outd", "num_heads", "num_merged"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for dim, group in _SPEC_SHAPES:
-            if group != 1 and dim in (64, 128):
-                continue
-            cfg = attention_config(dim, dtype)
-            heads = group_heads(group, cfg["BLOCK_M"])
-            sig = {"SIDE": "*fp32", "ROW_START": "*i32", "ROW_COUNT": "*i32", "OUT": ptr[dtype]}
-            sig.update({name: "i32" for name in finish_args})
-            consts = dict(HEAD_DIM=dim, BLOCK_S=cfg["BLOCK_M"] // heads, BLOCK_H=grp["BLOCK_H"], BLOCK_D=cfg["BLOCK_D"])
+        for dim in sorted({dim for dim, _ in _SPEC_SHAPES}):
+            sig = {"ROW_COUNT": "*i32", "OUT": ptr[dtype]}
+            sig.update({name: "i32" for name in zero_args})
+            consts = dict(HEAD_DIM=dim, BLOCK_R=grp["BLOCK_R"], BLOCK_D=_pow2_at_least_16(dim))
             sig.update({name: "constexpr" for name in consts})
-            divisible = ["SIDE", "ROW_START", "ROW_COUNT", "OUT"]
+            divisible = ["ROW_COUNT", "OUT"]
             if dim % 16 == 0:
                 divisible += ["stride_outb", "stride_outh", "stride_outn"]
-            specs.append(dict(kernel=vtu_finish_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
+            specs.append(dict(kernel=vtu_zero_empty_rows_kernel, signature=sig, constexprs=consts, num_warps=4,
                               specialize={"divisible_by_16": divisible, "equal_to_1": ["stride_outd"]},
-                              name=f"vtu_finish_rows D={dim} {names[dtype]}"))
+                              name=f"vtu_zero_empty_rows D={dim} {names[dtype]}"))
     return specs
 
 

@@ -9,18 +9,23 @@ Three kernels, in the order they run:
    [0, Nu) are clamped into it (the reference's rule). Work O(Nu * Nf) compares per image,
    vectorised BLOCK_R x BLOCK_P (negligible next to the N_full^2 * D attention).
 2. ``vtu_attention_fwd_kernel``: FlashAttention-2-style forward over the full positions taken
-   in merged-row order (``order``). One program = BLOCK_S query slots x GROUP_HEADS query
-   heads of one KV head (tile row m = head m // BLOCK_S, slot m % BLOCK_S), so each K/V tile
-   is gathered through ``pos_map`` and rotated (RoPE, fp32, in registers) once for the whole
-   GQA group, or once per chunk of GROUP_HEADS <= BLOCK_M // 16 heads for larger groups
-   (Qwen2's 7:1 takes 2 programs at BLOCK_M = 64, 4 at 32), so a tile keeps >= 16 slots. Online softmax in fp32 with exp2. Key tiles below the tile's smallest query
+   in merged-row order (``order``), tiled on whole merged rows: the program of tile t owns
+   the rows whose first slot lies in slots [t * BLOCK_S, (t + 1) * BLOCK_S) and walks all of
+   their slots, BLOCK_S per step (past the tile's end when its last row runs on; a program
+   whose tile one longer row covers has nothing to do). A step = BLOCK_S query slots x
+   GROUP_HEADS query heads of one KV head (tile row m = head m // BLOCK_S, slot m % BLOCK_S),
+   so each K/V tile is gathered through ``pos_map`` and rotated (RoPE, fp32, in registers)
+   once for the whole GQA group, or once per chunk of GROUP_HEADS <= BLOCK_M // 16 heads for
+   larger groups (Qwen2's 7:1 takes 2 programs at BLOCK_M = 64, 4 at 32), so a step keeps
+   >= 16 slots. Online softmax in fp32 with exp2. Key tiles below the step's smallest query
    position run unmasked; the rest are masked by where-selects (hidden NaN/inf K or V never
-   leak; a non-finite V at a visible key makes that query's output NaN). Epilogue: the
-   slots' outputs summed per merged-row run by a segmented scan (fixed order); rows wholly
-   inside the tile get their mean written to the output, straddling rows leave partial sums
-   in a small fp32 side buffer.
-3. ``vtu_finish_rows_kernel``: per merged row, the straddling rows' partials summed in tile
-   order and divided by the count; rows with no valid position written as 0.
+   leak; a non-finite V at a visible key makes that query's output NaN). Epilogue of a step:
+   the slots' outputs summed per merged-row run by a segmented scan (fixed order), each row
+   that ends in the step gets its mean written; the row still open at the step's end passes
+   its fp32 partial sum to the next step through a small carry buffer, [B, Hq, min(Nu,
+   num_tiles), D] (one entry per program and head). Every row is written by one program, so
+   nothing is reduced across programs.
+3. ``vtu_zero_empty_rows_kernel``: rows with no valid position written as 0.
 
 Everything is bit-identical run to run (no atomics, fixed reduction orders).
 
@@ -38,7 +43,10 @@ Limitations:
   never stored): about 6 fp32 FLOPs per key element per tile on CUDA cores; the rotated key
   tile and the epilogue scan are what bound BLOCK_M/BLOCK_N (see ``attention_config``).
 - A non-finite V at a visible key turns the whole output row NaN (not only its column).
-- Offsets inside one (batch, head) slice, and within one image's output and side buffer,
+- Whole-row tiling serialises a long merged row: the one program that owns a row of L
+  positions runs cdiv(L, BLOCK_S) steps while the programs of the tiles it covers exit at
+  once (a flat image whose background is one merged row keeps one program busy longest).
+- Offsets inside one (batch, head) slice, and within one image's output and carry buffer,
   are int32 (the launcher checks the spans < 2**31).
 - Inference only (no backward).
 """
@@ -171,75 +179,29 @@ def _attn_inner(
     return acc, l_i, m_i, bad
 
 
-@triton.jit(do_not_specialize=["num_heads", "num_kv_groups", "num_merged", "num_full", "num_tiles", "qk_scale"])
-def vtu_attention_fwd_kernel(
-    Q, K, V, COS, SIN, POS_MAP, FULL_LEN, ORDER, ROW_START, ROW_COUNT, OUT, SIDE,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_cb, stride_cn, stride_cd,
-    stride_sb, stride_sn, stride_sd,
-    stride_mb, stride_mn,
-    stride_outb, stride_outh, stride_outn, stride_outd,
-    num_heads, num_kv_groups, num_merged, num_full, num_tiles, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_HEADS: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+@triton.jit
+def _attend_slots(
+    Q, k_base, v_base, cos_base, sin_base, map_base, slot, m_ok, head, pos_m, rows_m,
+    stride_qh, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+    stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
+    length, num_merged, num_full, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Attention of BLOCK_S = BLOCK_M // GROUP_HEADS query slots (positions in merged-row
-    order) x GROUP_HEADS query heads of one KV head, re-merged in the epilogue.
-
-    Grid: (num_tiles = cdiv(Nf, BLOCK_S), B * Hkv * cdiv(group, GROUP_HEADS)). Tile row m is
-    head m // BLOCK_S of the chunk and slot m % BLOCK_S, so the K/V tile gathered and rotated
-    once serves every head. Merged rows wholly inside the tile get their mean written to OUT;
-    a row that straddles tiles leaves its partial sum in SIDE [B, Hq, num_tiles, 2, D] fp32
-    (slot 0: the run holding the tile's first slot, slot 1: the last run) for
-    ``vtu_finish_rows_kernel``. qk_scale = scale * log2(e).
-    """
-    BLOCK_S: tl.constexpr = BLOCK_M // GROUP_HEADS
-    tile = tl.program_id(0)
-    pid = tl.program_id(1)
-    num_chunks = tl.cdiv(num_kv_groups, GROUP_HEADS)
-    num_kv_heads = num_heads // num_kv_groups
-    b = (pid // (num_kv_heads * num_chunks)).to(tl.int64)
-    kv_h = (pid // num_chunks) % num_kv_heads
-    chunk = pid % num_chunks
-    length = tl.minimum(tl.load(FULL_LEN + b), num_full)
-    tile_start = tile * BLOCK_S
-    if tile_start >= length:
-        return
-    if DOT_FP32:
-        DOT_DTYPE: tl.constexpr = tl.float32
-    else:
-        DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
-
-    offs_m = tl.arange(0, BLOCK_M)
-    head_in_group = chunk * GROUP_HEADS + offs_m // BLOCK_S
-    head = kv_h * num_kv_groups + head_in_group
-    slot = tile_start + offs_m % BLOCK_S
-    m_ok = (slot < length) & (head_in_group < num_kv_groups)
-    pos_m = tl.load(ORDER + b * num_full + slot, mask=m_ok, other=-1)
-    pos_m = tl.where(m_ok, pos_m, -1)
-    map_base = POS_MAP + b * stride_mb
-    rows_m = tl.load(map_base + pos_m * stride_mn, mask=m_ok, other=0)
-    rows_m = tl.minimum(tl.maximum(rows_m, 0), num_merged - 1)
-    cos_base = COS + b * stride_cb
-    sin_base = SIN + b * stride_sb
+    """Attention output [BLOCK_M, BLOCK_D] fp32 of the tile's query rows (one full position
+    ``pos_m`` and query head ``head`` per row; rows with m_ok False give garbage, never read)."""
     q_rows = head.to(tl.int64) * stride_qh + rows_m * stride_qn
     q1, q2 = _load_rotated(
-        Q + b * stride_qb, q_rows, m_ok, 1, stride_qd,
+        Q, q_rows, m_ok, 1, stride_qd,
         cos_base, sin_base, pos_m, m_ok, stride_cn, stride_cd, stride_sn, stride_sd,
         HEAD_DIM, BLOCK_HALF, True,
     )
     q1 = q1.to(DOT_DTYPE)
     q2 = q2.to(DOT_DTYPE)
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * stride_kb + kv_h.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + kv_h.to(tl.int64) * stride_vh
     if CAUSAL:
         first_pos = tl.min(tl.where(m_ok, pos_m, num_full), 0)
         split = (first_pos // BLOCK_N) * BLOCK_N  # keys < every query of the tile: no mask
@@ -260,30 +222,119 @@ def vtu_attention_fwd_kernel(
         True, CAUSAL, HEAD_DIM, BLOCK_HALF, BLOCK_D, BLOCK_N, DOT_DTYPE, INPUT_PRECISION,
     )
     o = acc / l_i[:, None]
-    o = tl.where(bad[:, None] != 0, float("nan"), o)
+    return tl.where(bad[:, None] != 0, float("nan"), o)
 
-    # Epilogue: slots are sorted by merged row, so each row is one run of consecutive slots.
-    row_start = tl.load(ROW_START + b * num_merged + rows_m, mask=m_ok, other=0)
-    row_count = tl.load(ROW_COUNT + b * num_merged + rows_m, mask=m_ok, other=1)
-    in_tile = offs_m % BLOCK_S
-    first = (slot == row_start) | (in_tile == 0)
-    last = (slot == row_start + row_count - 1) | (in_tile == BLOCK_S - 1)
+
+@triton.jit(do_not_specialize=["num_heads", "num_kv_groups", "num_merged", "num_full", "num_carry", "carry_by_row",
+                               "qk_scale"])
+def vtu_attention_fwd_kernel(
+    Q, K, V, COS, SIN, POS_MAP, FULL_LEN, ORDER, ROW_START, ROW_COUNT, OUT, CARRY,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_cb, stride_cn, stride_cd,
+    stride_sb, stride_sn, stride_sd,
+    stride_mb, stride_mn,
+    stride_outb, stride_outh, stride_outn, stride_outd,
+    num_heads, num_kv_groups, num_merged, num_full, num_carry, carry_by_row, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_HEADS: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Attention of whole merged rows x GROUP_HEADS query heads of one KV head, re-merged in
+    the epilogue: each merged row's mean is written by exactly one program.
+
+    Grid: (num_tiles = cdiv(Nf, BLOCK_S), B * Hkv * cdiv(group, GROUP_HEADS)), BLOCK_S =
+    BLOCK_M // GROUP_HEADS query slots (positions in merged-row order, ``ORDER``). The program
+    of tile t owns the merged rows whose first slot lies in [t * BLOCK_S, (t + 1) * BLOCK_S)
+    and walks their slots [a, e) (e may pass the tile's end) BLOCK_S at a time. Tile row m is
+    head m // BLOCK_S of the chunk and slot m % BLOCK_S, so each K/V tile gathered and rotated
+    once serves every head. A row still open at the end of a step carries its fp32 partial sum
+    into the next step through CARRY [B, Hq, num_carry, D] (one entry per program and head:
+    indexed by the program's first row when carry_by_row, else by its tile, so num_carry =
+    min(Nu, num_tiles)). Rows no position maps to are left to ``vtu_zero_empty_rows_kernel``.
+    qk_scale = scale * log2(e).
+    """
+    BLOCK_S: tl.constexpr = BLOCK_M // GROUP_HEADS
+    tile = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_chunks = tl.cdiv(num_kv_groups, GROUP_HEADS)
+    num_kv_heads = num_heads // num_kv_groups
+    b = (pid // (num_kv_heads * num_chunks)).to(tl.int64)
+    kv_h = (pid // num_chunks) % num_kv_heads
+    chunk = pid % num_chunks
+    length = tl.minimum(tl.load(FULL_LEN + b), num_full)
+    tile_start = tile * BLOCK_S
+    if tile_start >= length:
+        return
+    map_base = POS_MAP + b * stride_mb
+    order_base = ORDER + b * num_full
+    rows_base = b * num_merged
+    # The slots this program walks: from the first row starting in the tile (after the row
+    # that straddles in from the previous tile, if any) to the end of the row holding the
+    # tile's last slot. A row covering the whole tile leaves the program nothing to do.
+    tile_end = tl.minimum(tile_start + BLOCK_S, length)
+    row_in = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + tile_start) * stride_mn), 0), num_merged - 1)
+    start_in = tl.load(ROW_START + rows_base + row_in)
+    a = tl.where(start_in < tile_start, start_in + tl.load(ROW_COUNT + rows_base + row_in), tile_start)
+    if a >= tile_end:
+        return
+    row_out = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + tile_end - 1) * stride_mn), 0), num_merged - 1)
+    e = tl.load(ROW_START + rows_base + row_out) + tl.load(ROW_COUNT + rows_base + row_out)
+    first_row = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + a) * stride_mn), 0), num_merged - 1)
+    carry_idx = tl.where(carry_by_row != 0, first_row, tile)
+    if DOT_FP32:
+        DOT_DTYPE: tl.constexpr = tl.float32
+    else:
+        DOT_DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    offs_m = tl.arange(0, BLOCK_M)
+    in_step = offs_m % BLOCK_S
+    head_in_group = chunk * GROUP_HEADS + offs_m // BLOCK_S
+    head = kv_h * num_kv_groups + head_in_group
+    head_ok = head_in_group < num_kv_groups
     offs_d = tl.arange(0, BLOCK_D)
-    first_2d = tl.where(first[:, None] & (offs_d[None, :] >= 0), 1, 0).to(tl.int8)
-    sums, _ = tl.associative_scan((o, first_2d), 0, _seg_add)
-    complete = (row_start >= tile_start) & (row_start + row_count <= tile_start + BLOCK_S)
-    write = m_ok & last
     d_ok = offs_d[None, :] < HEAD_DIM
-    # int32 offsets from per-image bases (one image's output and side buffer are < 2**31
-    # elements, checked by the launcher): half the registers of 64-bit pointer tiles.
-    out_row = head * stride_outh + rows_m * stride_outn
-    mean = sums / row_count[:, None].to(tl.float32)
-    tl.store(OUT + b * stride_outb + (out_row[:, None] + offs_d[None, :] * stride_outd),
-             mean.to(OUT.dtype.element_ty), mask=(write & complete)[:, None] & d_ok)
-    which = (row_start > tile_start).to(tl.int32)
-    side_row = ((head * num_tiles + tile) * 2 + which) * HEAD_DIM
-    tl.store(SIDE + b * num_heads * num_tiles * 2 * HEAD_DIM + (side_row[:, None] + offs_d[None, :]), sums,
-             mask=(write & ~complete)[:, None] & d_ok)
+    cos_base = COS + b * stride_cb
+    sin_base = SIN + b * stride_sb
+    k_base = K + b * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + kv_h.to(tl.int64) * stride_vh
+    # int32 offsets from per-image bases (one image's output and carry are < 2**31 elements,
+    # checked by the launcher): half the registers of 64-bit pointer tiles.
+    carry_row = ((head * num_carry + carry_idx) * HEAD_DIM)[:, None] + offs_d[None, :]
+    carry_ptrs = CARRY + b * num_heads * num_carry * HEAD_DIM + carry_row
+    for s0 in range(a, e, BLOCK_S):
+        slot = s0 + in_step
+        m_ok = (slot < e) & head_ok
+        pos_m = tl.load(order_base + slot, mask=m_ok, other=-1)
+        pos_m = tl.where(m_ok, pos_m, -1)
+        rows_m = tl.load(map_base + pos_m * stride_mn, mask=m_ok, other=0)
+        rows_m = tl.minimum(tl.maximum(rows_m, 0), num_merged - 1)
+        o = _attend_slots(
+            Q + b * stride_qb, k_base, v_base, cos_base, sin_base, map_base, slot, m_ok, head, pos_m, rows_m,
+            stride_qh, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+            stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
+            length, num_merged, num_full, qk_scale,
+            HEAD_DIM, BLOCK_HALF, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+        )
+        # Epilogue: slots are sorted by merged row, so each row is one run of consecutive
+        # slots; the run continuing from the previous step starts with that step's carry.
+        row_start = tl.load(ROW_START + rows_base + rows_m, mask=m_ok, other=0)
+        row_end = row_start + tl.load(ROW_COUNT + rows_base + rows_m, mask=m_ok, other=1)
+        carried = m_ok & (in_step == 0) & (row_start < s0)
+        o += tl.load(carry_ptrs, mask=carried[:, None] & d_ok, other=0.0)
+        tl.debug_barrier()  # every carry read before this step's carry is written
+        first = (slot == row_start) | (in_step == 0)
+        first_2d = tl.where(first[:, None] & (offs_d[None, :] >= 0), 1, 0).to(tl.int8)
+        sums, _ = tl.associative_scan((o, first_2d), 0, _seg_add)
+        done = m_ok & (slot == row_end - 1)  # the row's last slot: its sum is complete
+        mean = sums / (row_end - row_start)[:, None].to(tl.float32)
+        out_row = head * stride_outh + rows_m * stride_outn
+        tl.store(OUT + b * stride_outb + (out_row[:, None] + offs_d[None, :] * stride_outd),
+                 mean.to(OUT.dtype.element_ty), mask=done[:, None] & d_ok)
+        open_row = m_ok & (in_step == BLOCK_S - 1) & (slot < row_end - 1)
+        tl.store(carry_ptrs, sums, mask=open_row[:, None] & d_ok)
+        tl.debug_barrier()  # the carry written before the next step reads it
 
 
 @triton.jit(do_not_specialize=["num_merged", "num_full"])
@@ -331,40 +382,23 @@ def vtu_group_rows_kernel(
         placed += tl.sum(match, 1)
 
 
-@triton.jit(do_not_specialize=["num_heads", "num_merged", "num_tiles"])
-def vtu_finish_rows_kernel(
-    SIDE, ROW_START, ROW_COUNT, OUT,
+@triton.jit(do_not_specialize=["num_heads", "num_merged"])
+def vtu_zero_empty_rows_kernel(
+    ROW_COUNT, OUT,
     stride_outb, stride_outh, stride_outn, stride_outd,
-    num_heads, num_merged, num_tiles,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_heads, num_merged,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT rows the attention kernel could not finish: 0 for rows no position maps to, and
-    for rows straddling query tiles the sum of their tile partials (in tile order, so
-    bit-identical run to run) divided by the row's count.
-
-    Grid: (Nu, B, cdiv(Hq, BLOCK_H)). Rows wholly inside one tile are left alone.
-    """
-    r = tl.program_id(0)
+    """OUT rows no valid position maps to (count 0), written as 0 for every head; the other
+    rows are the attention kernel's. Grid: (cdiv(Nu, BLOCK_R), B, Hq)."""
     b = tl.program_id(1).to(tl.int64)
-    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < num_merged
+    count = tl.load(ROW_COUNT + b * num_merged + rows, mask=r_ok, other=1)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
-    start = tl.load(ROW_START + b * num_merged + r)
-    count = tl.load(ROW_COUNT + b * num_merged + r)
-    t0 = start // BLOCK_S
-    t1 = (start + count - 1) // BLOCK_S
-    if (count > 0) & (t0 == t1):
-        return
-    side_head = (b * num_heads + offs_h.to(tl.int64)) * num_tiles
-    cols = offs_d[None, :]
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    if count > 0:
-        # In tile t0 the row is the last run (partial slot 1) unless it starts the tile (slot 0).
-        which = (start > t0 * BLOCK_S).to(tl.int64)
-        acc = tl.load(SIDE + ((side_head + t0) * 2 + which)[:, None] * HEAD_DIM + cols, mask=mask, other=0.0)
-        for t in range(t0 + 1, t1 + 1):
-            acc += tl.load(SIDE + ((side_head + t) * 2)[:, None] * HEAD_DIM + cols, mask=mask, other=0.0)
-        acc = acc / count.to(tl.float32)
-    out_ptr = (OUT + b * stride_outb + offs_h[:, None].to(tl.int64) * stride_outh
-               + r.to(tl.int64) * stride_outn + offs_d[None, :] * stride_outd)
-    tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=mask)
+    empty = r_ok & (count == 0)
+    out_ptr = (OUT + b * stride_outb + h * stride_outh + rows[:, None].to(tl.int64) * stride_outn
+               + offs_d[None, :] * stride_outd)
+    tl.store(out_ptr, tl.zeros([BLOCK_R, BLOCK_D], dtype=OUT.dtype.element_ty),
+             mask=empty[:, None] & (offs_d[None, :] < HEAD_DIM))
