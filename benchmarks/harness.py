@@ -5,13 +5,21 @@ Run: `make bench` (or `pytest benchmarks --benchmark-enable`). Each benchmark's 
 shape label and `extra_info` holds {"impl", "op", "shape", "device", "peak_bytes"}; the
 baselines are impl "official-eager" (DToMe) and "fast-path" (VTU). Compare implementations as
 ratios within one run; never as absolute times across runs. `dymu bench` renders the report.
+
+Environment variables (read once, here):
+- DYMU_BENCH_LARGE=1: also run the cases too slow for a CPU by default (the varlen attention
+  at B=64, where masked SDPA takes seconds per call); on a GPU they always run.
 """
+
+import os
+import time
 
 import torch
 
 from dymu_kernels._backends import implements
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BENCH_LARGE = DEVICE.type == "cuda" or os.environ.get("DYMU_BENCH_LARGE", "") not in ("", "0")
 
 
 def sync() -> None:
@@ -33,3 +41,33 @@ def _native_cuda() -> bool:
     from dymu_kernels import _C
 
     return _C.built_with_cuda()
+
+
+def time_best(benchmark, run, rounds: int = 5):
+    """Time ``run`` through ``benchmark.pedantic`` (one warmup round) and return its best round in
+    seconds, or None when benchmarking is disabled (then ``run`` ran once, as a smoke test).
+
+    On a CPU the clock is the process CPU time with torch on one thread (robust against the
+    load of other processes on a shared machine; recorded as extra_info["cpu_seconds_1_thread"]);
+    on a GPU the wall clock of pytest-benchmark.
+    """
+    if DEVICE.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        seconds = []
+
+        def timed():
+            start = time.process_time()
+            run()
+            seconds.append(time.process_time() - start)
+
+        try:
+            benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        finally:
+            torch.set_num_threads(threads)
+        best = min(seconds[1:] or seconds)
+        benchmark.extra_info["cpu_seconds_1_thread"] = best
+    else:
+        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+        best = benchmark.stats.stats.min if benchmark.stats is not None else None
+    return None if getattr(benchmark, "disabled", False) else best

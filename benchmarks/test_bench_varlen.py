@@ -5,7 +5,8 @@
    padding). Shapes: CLIP ViT-L/14-336 (N=577, 16 heads of 64) and SigLIP SO400M (N=729, 16 heads
    of 72). Lengths per image spread evenly over [0.35 N, N] (the spread of kept fractions that
    the shipped mid thresholds give on the demo photos is about 0.4-1.0), sizes summing to N.
-   B = 8 and 64 on a GPU; on a CPU only B = 8 (B = 64 masked SDPA takes seconds per call there).
+   B = 8 and 64 on a GPU; on a CPU B = 64 only with DYMU_BENCH_LARGE=1 in the environment
+   (masked SDPA takes seconds per call there; CI runs B = 8 only).
 2. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
    padded, the unmerged loop (every threshold +inf) and the stock HF model, plus the FLOP-ideal
    speedup over the unmerged loop from the per-block lengths (q/k/v/out projections and
@@ -26,10 +27,10 @@ import torch
 from dymu.app.encoder_cost import flop_ideal_speedup
 
 import dymu_kernels as dk
-from harness import DEVICE, kernel_backends, sync
+from harness import BENCH_LARGE, DEVICE, kernel_backends, sync, time_best
 
 ATTN_SHAPES = {"CLIP-L/14-336": (577, 16, 64), "SigLIP-SO400M": (729, 16, 72)}
-ATTN_BATCHES = (8, 64) if DEVICE.type == "cuda" else (8,)
+ATTN_BATCHES = (8, 64) if BENCH_LARGE else (8,)
 ATTN_IMPLS = ["sdpa-masked-padded"] + [b for b in kernel_backends("proportional_attention_varlen") if b != "reference"]
 SETTINGS = ("low", "mid", "high")
 _MEDIANS = {}
@@ -78,28 +79,8 @@ def test_attention_varlen(benchmark, shape, batch, impl):
     benchmark.group = f"proportional_attention_varlen {shape} B={batch}"
     benchmark.extra_info.update(impl=impl, op="proportional_attention_varlen", shape=f"{shape} B={batch}",
                                 device=str(DEVICE), dtype=str(dtype), rows=int(cu[-1]), padded_rows=batch * longest)
-    if DEVICE.type == "cpu":  # as for the encoder: process CPU time of one thread (see below)
-        import time
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        seconds = []
-
-        def timed():
-            start = time.process_time()
-            run()
-            seconds.append(time.process_time() - start)
-
-        try:
-            benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
-        finally:
-            torch.set_num_threads(threads)
-        best = min(seconds[1:] or seconds)
-        benchmark.extra_info["cpu_seconds_1_thread"] = best
-    else:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-        best = benchmark.stats.stats.min if benchmark.stats is not None else None
-    if not getattr(benchmark, "disabled", False) and best is not None:
+    best = time_best(benchmark, run)  # on a CPU: process CPU time of one thread, as for the encoder
+    if best is not None:
         _MEDIANS[("attn", shape, batch, impl)] = best
 
 
