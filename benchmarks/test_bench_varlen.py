@@ -1,4 +1,4 @@
-"""Packed variable-length DToMe (issue 12): attention and encoder wall-clock, as ratios in one run.
+"""Packed variable-length DToMe (issue 12): attention, merge step and encoder, as ratios in one run.
 
 1. ``proportional_attention_varlen`` per backend against what the padded encoder runs: SDPA on
    the batch padded to its longest image with the float log-size mask [B, 1, 1, N] (-inf on
@@ -7,16 +7,28 @@
    the shipped mid thresholds give on the demo photos is about 0.4-1.0), sizes summing to N.
    B = 8 and 64 on a GPU; on a CPU B = 64 only with DYMU_BENCH_LARGE=1 in the environment
    (masked SDPA takes seconds per call there; CI runs B = 8 only).
-2. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
+2. ``dtome_merge_varlen`` per backend against what a user of the padded op runs on a packed batch
+   (``merge_through_padding``: pad to [B, longest, D], ``dtome_merge`` with lengths, pack back into
+   the capacity T, with the same backend). Shapes: CLIP-L/14-336 (N=577, C=64, D=1024, CLS kept)
+   and SigLIP-SO400M (N=729, C=72, D=1152), lengths and sizes as for the attention, a per-image
+   threshold letting 21 sources of each image merge. Every case first checks that the packed op
+   and the padded path agree image by image (lengths, sizes, pos_map exactly; x within
+   tolerance), so without --benchmark-enable the file is also a correctness smoke test.
+3. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
    padded, the unmerged loop (every threshold +inf) and the stock HF model, plus the FLOP-ideal
    speedup over the unmerged loop from the per-block lengths (q/k/v/out projections and
    attention on the rows entering the block, MLP on the rows after its merge).
    All cases run once per round, interleaved (a shared machine's load then hits them alike); on a
    CPU the clock is the process CPU time of one thread (robust against other processes' load);
    ``test_encoder_summary`` prints best-of-rounds times and the per-round median ratios and
-   writes them to ``results/varlen_encoder_<device>.json``.
+   writes them, with the attention and merge ratios (best of rounds of each case, the roofline
+   model of benchmarks/roofline.py beside them), to ``results/varlen_encoder_<device>.{json,md}``.
+
+Environment: DYMU_BENCH_LARGE=1 adds B = 64 to the attention and merge cases on a CPU (see
+benchmarks/harness.py; always on with a GPU). A full CPU run of this file with it takes a few minutes.
 """
 
+import functools
 import json
 import math
 import os
@@ -28,24 +40,33 @@ from dymu.app.encoder_cost import flop_ideal_speedup
 
 import dymu_kernels as dk
 from harness import BENCH_LARGE, DEVICE, kernel_backends, sync, time_best
+from roofline import DTOME_SHAPES, dtome_merge_varlen_cost, gpu_of, varlen_attention_cost
 
 ATTN_SHAPES = {"CLIP-L/14-336": (577, 16, 64), "SigLIP-SO400M": (729, 16, 72)}
-ATTN_BATCHES = (8, 64) if BENCH_LARGE else (8,)
+BATCHES = (8, 64) if BENCH_LARGE else (8,)
 ATTN_IMPLS = ["sdpa-masked-padded"] + [b for b in kernel_backends("proportional_attention_varlen") if b != "reference"]
 SETTINGS = ("low", "mid", "high")
 _MEDIANS = {}
+_COSTS = {}  # (kind, "<shape> B=<batch>", path) -> roofline.Cost of the cases that ran
+
+
+def spread_lengths(n: int, batch: int, g: torch.Generator):
+    """Lengths spread evenly over [0.35 n, n] in random order, and per image t sizes >= 1 summing
+    to n (t rows standing for n patches). Returns (lengths [B] int64, list of [t] float sizes)."""
+    lengths = torch.linspace(0.35 * n, n, batch).round().long()
+    lengths = lengths[torch.randperm(batch, generator=g)]
+    sizes = []
+    for t in lengths.tolist():
+        s = torch.ones(t)
+        s.index_add_(0, torch.randint(0, t, (n - t,), generator=g), torch.ones(n - t))
+        sizes.append(s)
+    return lengths, sizes
 
 
 def attention_inputs(shape: str, batch: int, dtype):
     n, heads, dim = ATTN_SHAPES[shape]
     g = torch.Generator().manual_seed(batch)
-    lengths = torch.linspace(0.35 * n, n, batch).round().long()
-    lengths = lengths[torch.randperm(batch, generator=g)]
-    sizes = []
-    for t in lengths.tolist():  # t rows standing for n patches: sizes >= 1 summing to n
-        s = torch.ones(t)
-        s.index_add_(0, torch.randint(0, t, (n - t,), generator=g), torch.ones(n - t))
-        sizes.append(s)
+    lengths, sizes = spread_lengths(n, batch, g)
     total = int(lengths.sum())
     q, k, v = (torch.randn(total, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(3))
     size = torch.cat(sizes).to(DEVICE)
@@ -61,7 +82,7 @@ def attention_inputs(shape: str, batch: int, dtype):
 
 
 @pytest.mark.parametrize("impl", ATTN_IMPLS)
-@pytest.mark.parametrize("batch", ATTN_BATCHES)
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", list(ATTN_SHAPES))
 def test_attention_varlen(benchmark, shape, batch, impl):
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -76,12 +97,127 @@ def test_attention_varlen(benchmark, shape, batch, impl):
             out = dk.proportional_attention_varlen(q, k, v, size, cu, max_seqlen=longest, backend=impl)
             sync()
             return out
+    cost = varlen_attention_cost((cu[1:] - cu[:-1]).tolist(), q.shape[1], q.shape[2],
+                                 "fp32" if dtype == torch.float32 else "bf16", padded=impl == "sdpa-masked-padded")
+    _COSTS[("attn", f"{shape} B={batch}", "sdpa-masked-padded" if impl == "sdpa-masked-padded" else "packed")] = cost
     benchmark.group = f"proportional_attention_varlen {shape} B={batch}"
     benchmark.extra_info.update(impl=impl, op="proportional_attention_varlen", shape=f"{shape} B={batch}",
-                                device=str(DEVICE), dtype=str(dtype), rows=int(cu[-1]), padded_rows=batch * longest)
+                                device=str(DEVICE), dtype=str(dtype), rows=int(cu[-1]), padded_rows=batch * longest,
+                                roofline=cost.as_dict())
     best = time_best(benchmark, run)  # on a CPU: process CPU time of one thread, as for the encoder
     if best is not None:
         _MEDIANS[("attn", shape, batch, impl)] = best
+
+
+# ------------------------------------------------------------------ one merge step, packed vs padded
+
+# name: (N, C, D, protect_first): the DToMe benchmark's shapes (CLIP keeps its CLS token)
+MERGE_SHAPES = {name: (n, c, d, name.startswith("CLIP")) for name, (n, c, d) in DTOME_SHAPES.items()}
+MERGE_BACKENDS = [b for b in kernel_backends("dtome_merge_varlen") if b in kernel_backends("dtome_merge")]
+MERGES_PER_IMAGE = 21  # each image's threshold lets about this many of its sources merge
+
+
+@functools.lru_cache(maxsize=None)  # every backend and path of a shape reads the same batch (read only)
+def merge_inputs(shape: str, batch: int, dtype):
+    """A packed batch after some merges: lengths and sizes as for the attention, metric rows drawn
+    around 40-200 centres per image (so similar rows exist), pos_map [B, N] original position ->
+    packed row (size[r] positions per row r), and a [B] threshold calibrated per image so that
+    MERGES_PER_IMAGE of its sources merge."""
+    n, c, d, cls = MERGE_SHAPES[shape]
+    g = torch.Generator().manual_seed(batch)
+    lengths, sizes = spread_lengths(n, batch, g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    metric = torch.cat([torch.randn(int(k), c, generator=g)[torch.randint(0, int(k), (int(t),), generator=g)]
+                        for k, t in zip(torch.randint(40, 200, (batch,), generator=g), lengths)])
+    metric = metric + 0.35 * torch.randn(metric.shape, generator=g)
+    x = torch.randn(int(cu[-1]), d, generator=g)
+    pos_map = torch.stack([torch.repeat_interleave(torch.arange(int(t)) + cu[b], sizes[b].long())
+                           for b, t in enumerate(lengths)])
+    longest = int(lengths.max())
+    rows = (cu[:-1, None] + torch.arange(longest)).clamp_max(int(cu[-1]) - 1)
+    node_max, _ = dk.bipartite_similarity(metric[rows], lengths, protect_first=cls, backend="reference")
+    # per image: midway between its r-th and (r+1)-th best score (batch_threshold's value, the
+    # (r+1)-th itself, sits on a score, where a backend's last-bit rounding decides one merge more)
+    top = node_max.topk(MERGES_PER_IMAGE + 1, dim=1).values
+    tau = (top[:, -2] + top[:, -1]) / 2
+    return dict(x=x.to(DEVICE, dtype), metric=metric.to(DEVICE, dtype), size=torch.cat(sizes).to(DEVICE),
+                cu_seqlens=cu.to(torch.int32).to(DEVICE), threshold=tau.to(DEVICE),
+                pos_map=pos_map.to(torch.int32).to(DEVICE), protect_first=cls), longest
+
+
+def merge_through_padding(x, metric, size, cu_seqlens, threshold, *, pos_map, protect_first, longest, backend):
+    """The baseline: what a user of the padded op runs on a packed batch. Pad the rows to
+    [B, longest, *], merge with ``dk.dtome_merge`` (lengths), and pack the merged rows back into
+    the capacity T, as ``dk.dtome_merge_varlen`` returns them (no host sync on either side).
+    Returns (x [T, D], size [T], cu_seqlens [B + 1] int32, pos_map [B, N0] packed rows)."""
+    total = x.shape[0]
+    starts = cu_seqlens[:-1, None].long()
+    offsets = torch.arange(longest, device=x.device)
+    rows = (starts + offsets).clamp_max(total - 1)  # padding rows read some real row: dtome_merge ignores them
+    res = dk.dtome_merge(x[rows], metric[rows], size[rows], cu_seqlens[1:] - cu_seqlens[:-1], threshold,
+                         pos_map=torch.where(pos_map >= 0, pos_map - starts, -1).to(torch.int32),
+                         protect_first=protect_first, backend=backend)
+    new_cu = torch.cat([cu_seqlens[:1], res.lengths.cumsum(0).to(torch.int32)])
+    kept = offsets < res.lengths[:, None]
+    dest = torch.where(kept, new_cu[:-1, None] + offsets, total).flatten()  # dropped rows land on spare row T
+    out_x = x.new_zeros(total + 1, x.shape[1]).index_copy_(0, dest, res.x.flatten(0, 1))[:total]
+    out_size = size.new_zeros(total + 1).index_copy_(0, dest, res.size.flatten())[:total]
+    out_pos = torch.where(res.pos_map >= 0, res.pos_map + new_cu[:-1, None], -1)
+    return out_x, out_size, new_cu, out_pos
+
+
+def assert_same_merge(packed, padded, dtype):
+    """The packed op's result equals the path through padding, image by image: lengths, sizes and
+    pos_map exactly, x within the dtype's tolerance."""
+    x, size, cu, pos_map = padded
+    assert torch.equal(packed.cu_seqlens, cu), (packed.cu_seqlens.tolist(), cu.tolist())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for b in range(cu.shape[0] - 1):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        assert torch.equal(packed.size[lo:hi], size[lo:hi]), f"image {b}: sizes differ"
+        torch.testing.assert_close(packed.x[lo:hi], x[lo:hi], **tol, msg=lambda m: f"image {b}: {m}")
+    assert torch.equal(packed.pos_map, pos_map)
+    assert torch.all(packed.x[int(cu[-1]):] == 0) and torch.all(packed.size[int(cu[-1]):] == 0)
+
+
+@pytest.mark.parametrize("path", ["packed", "padded"])
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", list(MERGE_SHAPES))
+def test_merge_varlen(benchmark, shape, batch, backend, path):
+    """``dk.dtome_merge_varlen`` against pad -> ``dk.dtome_merge`` -> pack with the same backend;
+    every case first checks that both give the same merge (so CI runs it as a smoke test)."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    inputs, longest = merge_inputs(shape, batch, dtype)
+
+    def packed():
+        return dk.dtome_merge_varlen(**inputs, max_seqlen=longest, backend=backend)
+
+    def padded():
+        return merge_through_padding(**inputs, longest=longest, backend=backend)
+
+    result = packed()
+    assert_same_merge(result, padded(), dtype)
+    assert int(result.cu_seqlens[-1]) < int(inputs["cu_seqlens"][-1]), "nothing merged: the check would be vacuous"
+    merge = packed if path == "packed" else padded
+
+    def run():
+        out = merge()
+        sync()
+        return out
+
+    n, c, d, _ = MERGE_SHAPES[shape]
+    lengths = (inputs["cu_seqlens"][1:] - inputs["cu_seqlens"][:-1]).tolist()
+    dtype_name = "fp32" if dtype == torch.float32 else "bf16"
+    cost = dtome_merge_varlen_cost(lengths, n, c, d, dtype_name, padded=path == "padded")
+    _COSTS[("merge", f"{shape} B={batch}", path)] = cost
+    benchmark.group = f"dtome_merge_varlen {shape} B={batch}"
+    benchmark.extra_info.update(impl=backend if path == "packed" else f"padded-{backend}", op="dtome_merge_varlen",
+                                shape=f"{shape} B={batch}", device=str(DEVICE), dtype=str(dtype), backend=backend,
+                                path=path, rows=sum(lengths), padded_rows=batch * longest, roofline=cost.as_dict())
+    best = time_best(benchmark, run, rounds=10)
+    if best is not None:
+        _MEDIANS[("merge", shape, batch, backend, path)] = best
 
 
 # ------------------------------------------------------------------ encoder on the demo photos
@@ -164,7 +300,8 @@ def test_encoder_demo_photos(benchmark, demo):
 
 
 def test_encoder_summary():
-    """Ratios of the run above (needs --benchmark-enable); written to results/varlen_encoder_<device>.json."""
+    """Ratios of the run above (needs --benchmark-enable and the encoder case); written to
+    results/varlen_encoder_<device>.{json,md} with the attention and merge tables of the same run."""
     if "enc_rounds" not in _MEDIANS:
         pytest.skip("benchmarks disabled or the encoder cases did not run")
     rounds = _MEDIANS["enc_rounds"]
@@ -192,20 +329,58 @@ def test_encoder_summary():
                      f"{vs_padded:.2f}x | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
     lines.append(f"unmerged loop {best[base] * 1e3:.0f} ms, stock HF {best[('stock-hf', None)] * 1e3:.0f} ms "
                  f"(best of {len(rounds[base])} interleaved rounds; ratios: median over rounds)")
-    attn = {}
-    for key, value in _MEDIANS.items():
-        if key[0] == "attn":
-            attn.setdefault(f"{key[1]} B={key[2]}", {})[key[3]] = value
-    summary["attention_s"] = attn
-    for label, impls in attn.items():
-        base_attn = impls.get("sdpa-masked-padded")
-        for impl, t in impls.items():
-            if impl != "sdpa-masked-padded" and base_attn:
-                lines.append(f"attention {label}: {impl} {t * 1e3:.1f} ms vs masked SDPA {base_attn * 1e3:.1f} ms "
-                             f"({base_attn / t:.2f}x)")
+    lines += ["", *attention_table(summary), "", *merge_table(summary)]
     print("\n" + "\n".join(lines))
     folder = os.path.join(os.path.dirname(__file__), "results")
     with open(os.path.join(folder, f"varlen_encoder_{DEVICE.type}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(folder, f"varlen_encoder_{DEVICE.type}.json"), "w") as f:
         json.dump(summary, f, indent=2)
+
+
+def attention_table(summary: dict) -> list:
+    """Markdown rows of this run's attention cases (best of rounds), each against masked SDPA on
+    the padded batch, beside the FLOP ratio of the two (the speedup a compute-bound kernel could
+    reach); fills summary["attention_s"]."""
+    attn = {}
+    for key, value in _MEDIANS.items():
+        if key[0] == "attn":
+            attn.setdefault(f"{key[1]} B={key[2]}", {})[key[3]] = value
+    summary["attention_s"] = attn
+    lines = ["| attention | impl | packed | masked SDPA, padded | speedup | FLOPs padded / packed |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for label, impls in attn.items():
+        base = impls.get("sdpa-masked-padded")
+        flops = _COSTS.get(("attn", label, "sdpa-masked-padded")), _COSTS.get(("attn", label, "packed"))
+        ideal = f"{flops[0].flops / flops[1].flops:.2f}x" if all(flops) else "-"
+        for impl, t in impls.items():
+            if impl != "sdpa-masked-padded" and base:
+                lines.append(f"| {label} | {impl} | {t * 1e3:.1f} ms | {base * 1e3:.1f} ms | {base / t:.2f}x | {ideal} |")
+    return lines
+
+
+def merge_table(summary: dict) -> list:
+    """Markdown rows of this run's merge cases: per backend the packed op against pad -> padded
+    op -> pack, and the model's ideal bytes of both (benchmarks/roofline.py); on a GPU also the
+    packed op's fraction of that GPU's roofline. Fills summary["merge_s"]."""
+    merge = {}
+    for key, value in _MEDIANS.items():
+        if key[0] == "merge":
+            merge.setdefault(f"{key[1]} B={key[2]}", {}).setdefault(key[3], {})[key[4]] = value
+    summary["merge_s"] = merge
+    gpu = gpu_of(torch.cuda.get_device_name(0)) if DEVICE.type == "cuda" else None
+    head = "| merge step | backend | packed | pad, merge, pack | speedup | ideal MB packed / padded |"
+    lines = [head + (f" packed vs {gpu} roofline |" if gpu else ""),
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+    for label, backends in merge.items():
+        packed_cost, padded_cost = _COSTS.get(("merge", label, "packed")), _COSTS.get(("merge", label, "padded"))
+        for backend, paths in backends.items():
+            if "packed" not in paths or "padded" not in paths:
+                continue
+            packed, padded = paths["packed"], paths["padded"]
+            line = (f"| {label} | {backend} | {packed * 1e3:.2f} ms | {padded * 1e3:.2f} ms | {padded / packed:.2f}x | "
+                    f"{packed_cost.ideal_bytes / 1e6:.1f} / {padded_cost.ideal_bytes / 1e6:.1f} |")
+            if gpu:
+                line += f" {100 * packed_cost.roofline_s(gpu) / packed:.1f}% |"
+            lines.append(line)
+    return lines
