@@ -9,9 +9,11 @@
    (masked SDPA takes seconds per call there; CI runs B = 8 only).
 2. ``dtome_merge_varlen`` per backend against what a user of the padded op runs on a packed batch
    (``merge_through_padding``: pad to [B, longest, D], ``dtome_merge`` with lengths, pack back into
-   the capacity T, with the same backend). Shapes: CLIP-L/14-336 (N=577, C=64, D=1024, CLS kept)
-   and SigLIP-SO400M (N=729, C=72, D=1152), lengths and sizes as for the attention, a per-image
-   threshold letting 21 sources of each image merge. Every case first checks that the packed op
+   the capacity T, with the same backend; ``padded-op-only`` times its ``dtome_merge`` alone, on
+   the batch padded beforehand, to show how much of the gap is the copies). Shapes:
+   CLIP-L/14-336 (N=577, C=64, D=1024, CLS kept) and SigLIP-SO400M (N=729, C=72, D=1152),
+   lengths and sizes as for the attention, a per-image threshold letting 21 sources of each
+   image merge. Every case first checks that the packed op
    and the padded path agree image by image (lengths, sizes, pos_map exactly; x within
    tolerance), so without --benchmark-enable the file is also a correctness smoke test.
 3. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
@@ -40,7 +42,7 @@ from dymu.app.encoder_cost import flop_ideal_speedup
 
 import dymu_kernels as dk
 from harness import BENCH_LARGE, DEVICE, kernel_backends, sync, time_best
-from roofline import DTOME_SHAPES, dtome_merge_varlen_cost, gpu_of, varlen_attention_cost
+from roofline import DTOME_SHAPES, dtome_merge_cost, dtome_merge_varlen_cost, gpu_of, varlen_attention_cost
 
 ATTN_SHAPES = {"CLIP-L/14-336": (577, 16, 64), "SigLIP-SO400M": (729, 16, 72)}
 BATCHES = (8, 64) if BENCH_LARGE else (8,)
@@ -145,42 +147,63 @@ def merge_inputs(shape: str, batch: int, dtype):
                 pos_map=pos_map.to(torch.int32).to(DEVICE), protect_first=cls), longest
 
 
-def merge_through_padding(x, metric, size, cu_seqlens, threshold, *, pos_map, protect_first, longest, backend):
-    """The baseline: what a user of the padded op runs on a packed batch. Pad the rows to
-    [B, longest, *], merge with ``dk.dtome_merge`` (lengths), and pack the merged rows back into
-    the capacity T, as ``dk.dtome_merge_varlen`` returns them (no host sync on either side).
-    Returns (x [T, D], size [T], cu_seqlens [B + 1] int32, pos_map [B, N0] packed rows)."""
-    total = x.shape[0]
+def pad_packed(x, metric, size, cu_seqlens, pos_map, longest: int):
+    """The packed rows as the padded op takes them: x, metric, size [B, longest, *], lengths [B],
+    pos_map shifted to rows within each image (no host sync)."""
     starts = cu_seqlens[:-1, None].long()
-    offsets = torch.arange(longest, device=x.device)
-    rows = (starts + offsets).clamp_max(total - 1)  # padding rows read some real row: dtome_merge ignores them
-    res = dk.dtome_merge(x[rows], metric[rows], size[rows], cu_seqlens[1:] - cu_seqlens[:-1], threshold,
-                         pos_map=torch.where(pos_map >= 0, pos_map - starts, -1).to(torch.int32),
-                         protect_first=protect_first, backend=backend)
-    new_cu = torch.cat([cu_seqlens[:1], res.lengths.cumsum(0).to(torch.int32)])
+    rows = (starts + torch.arange(longest, device=x.device)).clamp_max(x.shape[0] - 1)  # padding reads some real row
+    return (x[rows], metric[rows], size[rows], cu_seqlens[1:] - cu_seqlens[:-1],
+            torch.where(pos_map >= 0, pos_map - starts, -1).to(torch.int32))
+
+
+def pack_merged(res, total: int):
+    """A padded ``dtome_merge`` result packed back into the capacity T as ``dtome_merge_varlen``
+    returns it (rows past the new total zero; no host sync). Returns (x [T, D], size [T],
+    cu_seqlens [B + 1] int32, pos_map [B, N0] packed rows)."""
+    longest = res.x.shape[1]
+    offsets = torch.arange(longest, device=res.x.device)
+    new_cu = torch.cat([res.lengths.new_zeros(1), res.lengths.cumsum(0).to(torch.int32)])
     kept = offsets < res.lengths[:, None]
     dest = torch.where(kept, new_cu[:-1, None] + offsets, total).flatten()  # dropped rows land on spare row T
-    out_x = x.new_zeros(total + 1, x.shape[1]).index_copy_(0, dest, res.x.flatten(0, 1))[:total]
-    out_size = size.new_zeros(total + 1).index_copy_(0, dest, res.size.flatten())[:total]
+    out_x = res.x.new_zeros(total + 1, res.x.shape[2]).index_copy_(0, dest, res.x.flatten(0, 1))[:total]
+    out_size = res.size.new_zeros(total + 1).index_copy_(0, dest, res.size.flatten())[:total]
     out_pos = torch.where(res.pos_map >= 0, res.pos_map + new_cu[:-1, None], -1)
     return out_x, out_size, new_cu, out_pos
 
 
+def merge_through_padding(x, metric, size, cu_seqlens, threshold, *, pos_map, protect_first, longest, backend):
+    """The baseline: what a user of the padded op runs on a packed batch. Pad the rows to
+    [B, longest, *], merge with ``dk.dtome_merge`` (lengths), and pack the merged rows back."""
+    xp, mp, sp, lengths, pos_padded = pad_packed(x, metric, size, cu_seqlens, pos_map, longest)
+    res = dk.dtome_merge(xp, mp, sp, lengths, threshold, pos_map=pos_padded, protect_first=protect_first,
+                         backend=backend)
+    return pack_merged(res, x.shape[0])
+
+
 def assert_same_merge(packed, padded, dtype):
     """The packed op's result equals the path through padding, image by image: lengths, sizes and
-    pos_map exactly, x within the dtype's tolerance."""
+    pos_map exactly, x within the dtype's tolerance (one vectorised test; a failure names the
+    first image that differs)."""
     x, size, cu, pos_map = padded
-    assert torch.equal(packed.cu_seqlens, cu), (packed.cu_seqlens.tolist(), cu.tolist())
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for b in range(cu.shape[0] - 1):
-        lo, hi = int(cu[b]), int(cu[b + 1])
-        assert torch.equal(packed.size[lo:hi], size[lo:hi]), f"image {b}: sizes differ"
-        torch.testing.assert_close(packed.x[lo:hi], x[lo:hi], **tol, msg=lambda m: f"image {b}: {m}")
-    assert torch.equal(packed.pos_map, pos_map)
-    assert torch.all(packed.x[int(cu[-1]):] == 0) and torch.all(packed.size[int(cu[-1]):] == 0)
+    assert torch.equal(packed.cu_seqlens, cu), ("new lengths differ", packed.cu_seqlens.tolist(), cu.tolist())
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    total = int(cu[-1])
+    close = ((packed.x[:total].float() - x[:total].float()).abs() <= atol + rtol * x[:total].float().abs()).all(1)
+    for what, row_ok in (("sizes differ", packed.size[:total] == size[:total]), ("x differs", close)):
+        if not bool(row_ok.all()):
+            row = int((~row_ok).nonzero()[0])
+            image = int(torch.searchsorted(cu, torch.tensor(row, dtype=cu.dtype, device=cu.device), right=True)) - 1
+            raise AssertionError(f"image {image}: {what} from the padded path's (packed row {row})")
+    assert torch.equal(packed.pos_map, pos_map), "pos_map differs from the padded path"
+    assert torch.all(packed.x[total:] == 0) and torch.all(packed.size[total:] == 0), "rows past the total not zero"
 
 
-@pytest.mark.parametrize("path", ["packed", "padded"])
+# packed: dtome_merge_varlen; padded: pad -> dtome_merge -> pack (the baseline);
+# padded-op-only: dtome_merge alone on the batch padded beforehand (the baseline's own merge)
+MERGE_PATHS = ("packed", "padded", "padded-op-only")
+
+
+@pytest.mark.parametrize("path", MERGE_PATHS)
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", list(MERGE_SHAPES))
@@ -199,7 +222,15 @@ def test_merge_varlen(benchmark, shape, batch, backend, path):
     result = packed()
     assert_same_merge(result, padded(), dtype)
     assert int(result.cu_seqlens[-1]) < int(inputs["cu_seqlens"][-1]), "nothing merged: the check would be vacuous"
-    merge = packed if path == "packed" else padded
+    if path == "padded-op-only":
+        xp, mp, sp, lengths_p, pos_padded = pad_packed(inputs["x"], inputs["metric"], inputs["size"],
+                                                       inputs["cu_seqlens"], inputs["pos_map"], longest)
+
+        def merge():
+            return dk.dtome_merge(xp, mp, sp, lengths_p, inputs["threshold"], pos_map=pos_padded,
+                                  protect_first=inputs["protect_first"], backend=backend)
+    else:
+        merge = packed if path == "packed" else padded
 
     def run():
         out = merge()
@@ -209,10 +240,11 @@ def test_merge_varlen(benchmark, shape, batch, backend, path):
     n, c, d, _ = MERGE_SHAPES[shape]
     lengths = (inputs["cu_seqlens"][1:] - inputs["cu_seqlens"][:-1]).tolist()
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"
-    cost = dtome_merge_varlen_cost(lengths, n, c, d, dtype_name, padded=path == "padded")
+    cost = (dtome_merge_varlen_cost(lengths, n, c, d, dtype_name, padded=path == "padded") if path != "padded-op-only"
+            else dtome_merge_cost(batch, longest, c, d, dtype_name, n0=n))
     _COSTS[("merge", f"{shape} B={batch}", path)] = cost
     benchmark.group = f"dtome_merge_varlen {shape} B={batch}"
-    benchmark.extra_info.update(impl=backend if path == "packed" else f"padded-{backend}", op="dtome_merge_varlen",
+    benchmark.extra_info.update(impl=backend if path == "packed" else f"{path}-{backend}", op="dtome_merge_varlen",
                                 shape=f"{shape} B={batch}", device=str(DEVICE), dtype=str(dtype), backend=backend,
                                 path=path, rows=sum(lengths), padded_rows=batch * longest, roofline=cost.as_dict())
     best = time_best(benchmark, run, rounds=10)
@@ -361,24 +393,27 @@ def attention_table(summary: dict) -> list:
 
 def merge_table(summary: dict) -> list:
     """Markdown rows of this run's merge cases: per backend the packed op against pad -> padded
-    op -> pack, and the model's ideal bytes of both (benchmarks/roofline.py); on a GPU also the
-    packed op's fraction of that GPU's roofline. Fills summary["merge_s"]."""
+    op -> pack (and the padded op's own share of that), and the model's ideal bytes of both
+    (benchmarks/roofline.py); on a GPU also the packed op's fraction of that GPU's roofline.
+    Fills summary["merge_s"]."""
     merge = {}
     for key, value in _MEDIANS.items():
         if key[0] == "merge":
             merge.setdefault(f"{key[1]} B={key[2]}", {}).setdefault(key[3], {})[key[4]] = value
     summary["merge_s"] = merge
     gpu = gpu_of(torch.cuda.get_device_name(0)) if DEVICE.type == "cuda" else None
-    head = "| merge step | backend | packed | pad, merge, pack | speedup | ideal MB packed / padded |"
+    head = "| merge step | backend | packed | pad, merge, pack | speedup | of which dtome_merge | ideal MB packed / padded |"
     lines = [head + (f" packed vs {gpu} roofline |" if gpu else ""),
-             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
     for label, backends in merge.items():
         packed_cost, padded_cost = _COSTS.get(("merge", label, "packed")), _COSTS.get(("merge", label, "padded"))
         for backend, paths in backends.items():
             if "packed" not in paths or "padded" not in paths:
                 continue
             packed, padded = paths["packed"], paths["padded"]
+            op_only = paths.get("padded-op-only")
             line = (f"| {label} | {backend} | {packed * 1e3:.2f} ms | {padded * 1e3:.2f} ms | {padded / packed:.2f}x | "
+                    f"{f'{op_only * 1e3:.2f} ms' if op_only else '-'} | "
                     f"{packed_cost.ideal_bytes / 1e6:.1f} / {padded_cost.ideal_bytes / 1e6:.1f} |")
             if gpu:
                 line += f" {100 * packed_cost.roofline_s(gpu) / packed:.1f}% |"
