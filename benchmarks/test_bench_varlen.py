@@ -347,7 +347,14 @@ def test_encoder_summary():
     summary = {"device": str(DEVICE), "clock": "process CPU time, 1 thread" if DEVICE.type == "cpu" else "wall clock",
                "rounds": len(rounds[base]),
                "stock_hf_s": best[("stock-hf", None)], "unmerged_loop_s": best[base], "settings": {}}
-    lines = ["| setting | rows kept / processed padded | packed | padded | packed vs padded | speedup vs unmerged | FLOP-ideal | % of ideal |",
+    from dymu.app.report import machine_info
+
+    machine = machine_info()
+    summary["machine"] = machine
+    head = (f"Machine: {machine['gpu'] or machine['cpu']} ({machine['cpu_count']} CPUs), torch {machine['torch']}, "
+            f"{machine['date']}, 1-min load average {machine['load_avg_1min']} at the end of the run. "
+            f"Clock: {summary['clock']}.")
+    lines = [head, "", "| setting | rows kept / processed padded | packed | padded | packed vs padded | speedup vs unmerged | FLOP-ideal | % of ideal |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in SETTINGS:
         packed, padded = ("packed", s), ("padded", s)
@@ -388,6 +395,13 @@ def attention_table(summary: dict) -> list:
         for impl, t in impls.items():
             if impl != "sdpa-masked-padded" and base:
                 lines.append(f"| {label} | {impl} | {t * 1e3:.1f} ms | {base * 1e3:.1f} ms | {base / t:.2f}x | {ideal} |")
+    roof = {}
+    for (kind, label, path), cost in _COSTS.items():
+        if kind == "attn":
+            roof.setdefault(label, {})[path] = cost.as_dict()
+    summary["attention_roofline"] = roof
+    lines.append("Best of 5 rounds per case. FLOPs padded / packed: the roofline model's QK^T and PV FLOPs "
+                 "(benchmarks/roofline.py), the speedup a compute-bound kernel could reach.")
     return lines
 
 
@@ -402,9 +416,10 @@ def merge_table(summary: dict) -> list:
             merge.setdefault(f"{key[1]} B={key[2]}", {}).setdefault(key[3], {})[key[4]] = value
     summary["merge_s"] = merge
     gpu = gpu_of(torch.cuda.get_device_name(0)) if DEVICE.type == "cuda" else None
-    head = "| merge step | backend | packed | pad, merge, pack | speedup | of which dtome_merge | ideal MB packed / padded |"
+    head = ("| merge step | backend | packed | pad, merge, pack | speedup | of which dtome_merge | "
+            "ideal MB packed / padded | FLOPs padded / packed |")
     lines = [head + (f" packed vs {gpu} roofline |" if gpu else ""),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
     for label, backends in merge.items():
         packed_cost, padded_cost = _COSTS.get(("merge", label, "packed")), _COSTS.get(("merge", label, "padded"))
         for backend, paths in backends.items():
@@ -414,8 +429,18 @@ def merge_table(summary: dict) -> list:
             op_only = paths.get("padded-op-only")
             line = (f"| {label} | {backend} | {packed * 1e3:.2f} ms | {padded * 1e3:.2f} ms | {padded / packed:.2f}x | "
                     f"{f'{op_only * 1e3:.2f} ms' if op_only else '-'} | "
-                    f"{packed_cost.ideal_bytes / 1e6:.1f} / {padded_cost.ideal_bytes / 1e6:.1f} |")
+                    f"{packed_cost.ideal_bytes / 1e6:.1f} / {padded_cost.ideal_bytes / 1e6:.1f} | "
+                    f"{padded_cost.flops / packed_cost.flops:.2f}x |")
             if gpu:
                 line += f" {100 * packed_cost.roofline_s(gpu) / packed:.1f}% |"
             lines.append(line)
+    roof = {}
+    for (kind, label, path), cost in _COSTS.items():
+        if kind == "merge":
+            roof.setdefault(label, {})[path] = cost.as_dict()
+    summary["merge_roofline"] = roof
+    lines.append(f"Best of 10 rounds per case, {MERGES_PER_IMAGE} merges per image. pad, merge, pack: ``merge_through_padding`` "
+                 "with the same backend; of which dtome_merge: the padded op alone on the batch padded "
+                 "beforehand. Ideal MB: the roofline model (benchmarks/roofline.py); the padded figure "
+                 "includes the copies.")
     return lines
