@@ -47,9 +47,10 @@ def time_best(benchmark, run, rounds: int = 5):
     """Time ``run`` through ``benchmark.pedantic`` (one warmup round) and return its best round in
     seconds, or None when benchmarking is disabled (then ``run`` ran once, as a smoke test).
 
-    On a CPU the clock is the process CPU time with torch on one thread (robust against the
-    load of other processes on a shared machine; recorded as extra_info["cpu_seconds_1_thread"]);
-    on a GPU the wall clock of pytest-benchmark.
+    On a CPU the clock is the process CPU time with torch on one thread, which the load of other
+    processes on a shared machine does not inflate (wall clock there ran 3-5x the CPU time,
+    varying by the minute); recorded as extra_info["cpu_seconds_1_thread"]. On a GPU the wall
+    clock of pytest-benchmark.
     """
     if DEVICE.type == "cpu":
         threads = torch.get_num_threads()
@@ -71,3 +72,43 @@ def time_best(benchmark, run, rounds: int = 5):
         benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
         best = benchmark.stats.stats.min if benchmark.stats is not None else None
     return None if getattr(benchmark, "disabled", False) else best
+
+
+def time_interleaved(benchmark, cases: dict, rounds: int):
+    """Run every case (name -> zero-argument callable) once per round, one after the other, so
+    the load of a shared machine hits them alike; one warmup round. Same clocks as
+    :func:`time_best` (on a CPU: process CPU time of one thread).
+
+    Returns (seconds, outputs): seconds {name: [one time per round]} (None when benchmarking is
+    disabled: then one round ran, as a smoke test), outputs {name: its last result}.
+    """
+    on_cpu = DEVICE.type == "cpu"
+    clock = time.process_time if on_cpu else time.perf_counter
+    times = {name: [] for name in cases}
+    outputs = {}
+
+    def one_round():
+        for name, case in cases.items():
+            start = clock()
+            with torch.no_grad():
+                outputs[name] = case()
+            sync()
+            times[name].append(clock() - start)
+
+    threads = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.extra_info["clock"] = "process CPU time, 1 thread" if on_cpu else "wall clock"
+    if getattr(benchmark, "disabled", False):
+        return None, outputs
+    return {name: t[1:] if len(t) > rounds else t for name, t in times.items()}, outputs  # drop the warmup
+
+
+def median_ratio(a, b) -> float:
+    """Median over rounds of a[i] / b[i], the times of two cases measured in the same round."""
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return ratios[len(ratios) // 2]

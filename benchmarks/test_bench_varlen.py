@@ -13,9 +13,9 @@
    the batch padded beforehand, to show how much of the gap is the copies). Shapes:
    CLIP-L/14-336 (N=577, C=64, D=1024, CLS kept) and SigLIP-SO400M (N=729, C=72, D=1152),
    lengths and sizes as for the attention, a per-image threshold letting 21 sources of each
-   image merge. Every case first checks that the packed op
-   and the padded path agree image by image (lengths, sizes, pos_map exactly; x within
-   tolerance), so without --benchmark-enable the file is also a correctness smoke test.
+   image merge. Per backend the three paths run once per round, interleaved (as the encoder
+   cases below), and their results are checked to agree image by image (lengths, sizes, pos_map
+   exactly; x within tolerance), so without --benchmark-enable this is also a correctness smoke test.
 3. ``DToMeEncoder`` on the 13 demo photos (DINOv2-S/14, 224 px) per shipped setting: packed,
    padded, the unmerged loop (every threshold +inf) and the stock HF model, plus the FLOP-ideal
    speedup over the unmerged loop from the per-block lengths (q/k/v/out projections and
@@ -23,8 +23,9 @@
    All cases run once per round, interleaved (a shared machine's load then hits them alike); on a
    CPU the clock is the process CPU time of one thread (robust against other processes' load);
    ``test_encoder_summary`` prints best-of-rounds times and the per-round median ratios and
-   writes them, with the attention and merge ratios (best of rounds of each case, the roofline
-   model of benchmarks/roofline.py beside them), to ``results/varlen_encoder_<device>.{json,md}``.
+   writes them, with the attention ratios (best of rounds of each case) and the merge ratios
+   (per-round medians), the roofline model of benchmarks/roofline.py beside them, to
+   ``results/varlen_encoder_<device>.{json,md}``.
 
 Environment: DYMU_BENCH_LARGE=1 adds B = 64 to the attention and merge cases on a CPU (see
 benchmarks/harness.py; always on with a GPU). A full CPU run of this file with it takes a few minutes.
@@ -41,7 +42,7 @@ import torch
 from dymu.app.encoder_cost import flop_ideal_speedup
 
 import dymu_kernels as dk
-from harness import BENCH_LARGE, DEVICE, kernel_backends, sync, time_best
+from harness import BENCH_LARGE, DEVICE, kernel_backends, median_ratio, sync, time_best, time_interleaved
 from roofline import DTOME_SHAPES, dtome_merge_cost, dtome_merge_varlen_cost, gpu_of, varlen_attention_cost
 
 ATTN_SHAPES = {"CLIP-L/14-336": (577, 16, 64), "SigLIP-SO400M": (729, 16, 72)}
@@ -201,55 +202,48 @@ def assert_same_merge(packed, padded, dtype):
 # packed: dtome_merge_varlen; padded: pad -> dtome_merge -> pack (the baseline);
 # padded-op-only: dtome_merge alone on the batch padded beforehand (the baseline's own merge)
 MERGE_PATHS = ("packed", "padded", "padded-op-only")
+MERGE_ROUNDS = 10
 
 
-@pytest.mark.parametrize("path", MERGE_PATHS)
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", list(MERGE_SHAPES))
-def test_merge_varlen(benchmark, shape, batch, backend, path):
-    """``dk.dtome_merge_varlen`` against pad -> ``dk.dtome_merge`` -> pack with the same backend;
-    every case first checks that both give the same merge (so CI runs it as a smoke test)."""
+def test_merge_varlen(benchmark, shape, batch, backend):
+    """``dk.dtome_merge_varlen`` against pad -> ``dk.dtome_merge`` -> pack with the same backend
+    (and the padded op alone), the three once per round, interleaved as the encoder cases; the
+    last round's results are checked to agree (so CI runs it as a smoke test)."""
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     inputs, longest = merge_inputs(shape, batch, dtype)
-
-    def packed():
-        return dk.dtome_merge_varlen(**inputs, max_seqlen=longest, backend=backend)
-
-    def padded():
-        return merge_through_padding(**inputs, longest=longest, backend=backend)
-
-    result = packed()
-    assert_same_merge(result, padded(), dtype)
-    assert int(result.cu_seqlens[-1]) < int(inputs["cu_seqlens"][-1]), "nothing merged: the check would be vacuous"
-    if path == "padded-op-only":
-        xp, mp, sp, lengths_p, pos_padded = pad_packed(inputs["x"], inputs["metric"], inputs["size"],
-                                                       inputs["cu_seqlens"], inputs["pos_map"], longest)
-
-        def merge():
-            return dk.dtome_merge(xp, mp, sp, lengths_p, inputs["threshold"], pos_map=pos_padded,
-                                  protect_first=inputs["protect_first"], backend=backend)
-    else:
-        merge = packed if path == "packed" else padded
-
-    def run():
-        out = merge()
-        sync()
-        return out
-
+    xp, mp, sp, lengths_p, pos_padded = pad_packed(inputs["x"], inputs["metric"], inputs["size"],
+                                                   inputs["cu_seqlens"], inputs["pos_map"], longest)
+    paths = {
+        "packed": lambda: dk.dtome_merge_varlen(**inputs, max_seqlen=longest, backend=backend),
+        "padded": lambda: merge_through_padding(**inputs, longest=longest, backend=backend),
+        "padded-op-only": lambda: dk.dtome_merge(xp, mp, sp, lengths_p, inputs["threshold"], pos_map=pos_padded,
+                                                 protect_first=inputs["protect_first"], backend=backend),
+    }
+    assert tuple(paths) == MERGE_PATHS
     n, c, d, _ = MERGE_SHAPES[shape]
-    lengths = (inputs["cu_seqlens"][1:] - inputs["cu_seqlens"][:-1]).tolist()
+    lengths = lengths_p.tolist()
     dtype_name = "fp32" if dtype == torch.float32 else "bf16"
-    cost = (dtome_merge_varlen_cost(lengths, n, c, d, dtype_name, padded=path == "padded") if path != "padded-op-only"
-            else dtome_merge_cost(batch, longest, c, d, dtype_name, n0=n))
-    _COSTS[("merge", f"{shape} B={batch}", path)] = cost
-    benchmark.group = f"dtome_merge_varlen {shape} B={batch}"
-    benchmark.extra_info.update(impl=backend if path == "packed" else f"{path}-{backend}", op="dtome_merge_varlen",
-                                shape=f"{shape} B={batch}", device=str(DEVICE), dtype=str(dtype), backend=backend,
-                                path=path, rows=sum(lengths), padded_rows=batch * longest, roofline=cost.as_dict())
-    best = time_best(benchmark, run, rounds=10)
-    if best is not None:
-        _MEDIANS[("merge", shape, batch, backend, path)] = best
+    label = f"{shape} B={batch}"
+    costs = {"packed": dtome_merge_varlen_cost(lengths, n, c, d, dtype_name),
+             "padded": dtome_merge_varlen_cost(lengths, n, c, d, dtype_name, padded=True),
+             "padded-op-only": dtome_merge_cost(batch, longest, c, d, dtype_name, n0=n)}
+    for path, cost in costs.items():
+        _COSTS[("merge", label, path)] = cost
+    benchmark.group = f"dtome_merge_varlen {label}, packed and padded paths once per round"
+    benchmark.extra_info.update(impl=backend, op="dtome_merge_varlen", shape=label, device=str(DEVICE),
+                                dtype=str(dtype), rows=sum(lengths), padded_rows=batch * longest,
+                                roofline=costs["packed"].as_dict(),
+                                roofline_by_path={path: cost.as_dict() for path, cost in costs.items()})
+    seconds, outputs = time_interleaved(benchmark, paths, MERGE_ROUNDS)
+    packed = outputs["packed"]  # the last round's results (the only one without --benchmark-enable)
+    assert_same_merge(packed, outputs["padded"], dtype)
+    assert int(packed.cu_seqlens[-1]) < int(inputs["cu_seqlens"][-1]), "nothing merged: the check would be vacuous"
+    if seconds is not None:
+        benchmark.extra_info["seconds"] = seconds
+        _MEDIANS[("merge", shape, batch, backend)] = seconds
 
 
 # ------------------------------------------------------------------ encoder on the demo photos
@@ -276,8 +270,6 @@ ENCODER_ROUNDS = 4
 def test_encoder_demo_photos(benchmark, demo):
     """All encoder cases once per round, interleaved, so the load of a shared machine hits them
     alike; per case the best round counts (as in ``dymu demo``), and per round the ratios."""
-    import time
-
     from dymu import DToMeEncoder
 
     vit, pixels, thresholds = demo
@@ -289,36 +281,12 @@ def test_encoder_demo_photos(benchmark, demo):
             encoders[(impl, setting)] = DToMeEncoder(vit, math.inf, layout="padded")
         else:
             encoders[(impl, setting)] = DToMeEncoder(vit, thresholds[setting], layout=impl)
-    times = {case: [] for case in ENCODER_CASES}
-    outputs = {}
-    # On a CPU: the process CPU time of one thread, which the load of other processes on a shared
-    # machine does not inflate (wall clock there ran 3-5x the CPU time, varying by the minute).
-    # On a GPU: wall clock.
-    on_cpu = DEVICE.type == "cpu"
-    clock = time.process_time if on_cpu else time.perf_counter
-    threads = torch.get_num_threads()
-
-    def one_round():
-        for case, encoder in encoders.items():
-            start = clock()
-            with torch.no_grad():
-                outputs[case] = encoder(pixels)
-            sync()
-            times[case].append(clock() - start)
-
-    if on_cpu:
-        torch.set_num_threads(1)
-
     benchmark.group = "DToMeEncoder, 13 demo photos (DINOv2-S/14), every case once per round"
     benchmark.extra_info.update(impl="all cases", op="encoder", shape="13 photos", device=str(DEVICE))
-    try:
-        benchmark.pedantic(one_round, rounds=ENCODER_ROUNDS, iterations=1, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(threads)
-    benchmark.extra_info["clock"] = "process CPU time, 1 thread" if on_cpu else "wall clock"
-    warm = {case: t[1:] if len(t) > ENCODER_ROUNDS else t for case, t in times.items()}  # drop the warmup
-    benchmark.extra_info["seconds"] = {f"{i}-{s}" if s else i: t for (i, s), t in warm.items()}
-    if not getattr(benchmark, "disabled", False):  # --benchmark-disable: one plain run, no summary
+    warm, outputs = time_interleaved(benchmark, {case: functools.partial(encoder, pixels)
+                                                 for case, encoder in encoders.items()}, ENCODER_ROUNDS)
+    if warm is not None:  # --benchmark-disable: one plain run, no summary
+        benchmark.extra_info["seconds"] = {f"{i}-{s}" if s else i: t for (i, s), t in warm.items()}
         _MEDIANS["enc_rounds"] = warm
     cfg = vit.config
     mlp_dim = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -340,8 +308,7 @@ def test_encoder_summary():
     best = {case: min(t) for case, t in rounds.items()}
 
     def per_round(a, b):  # median over rounds of time(a) / time(b) measured in the same round
-        ratios = sorted(x / y for x, y in zip(rounds[a], rounds[b]))
-        return ratios[len(ratios) // 2]
+        return median_ratio(rounds[a], rounds[b])
 
     base = ("unmerged-loop", None)
     summary = {"device": str(DEVICE), "clock": "process CPU time, 1 thread" if DEVICE.type == "cpu" else "wall clock",
@@ -407,40 +374,41 @@ def attention_table(summary: dict) -> list:
 
 def merge_table(summary: dict) -> list:
     """Markdown rows of this run's merge cases: per backend the packed op against pad -> padded
-    op -> pack (and the padded op's own share of that), and the model's ideal bytes of both
-    (benchmarks/roofline.py); on a GPU also the packed op's fraction of that GPU's roofline.
-    Fills summary["merge_s"]."""
+    op -> pack (and the padded op's own share of that): best of rounds, speedups as the median
+    over rounds of the per-round ratio; beside them the model's ideal bytes and FLOPs of both
+    (benchmarks/roofline.py), and on a GPU the packed op's fraction of that GPU's roofline.
+    Fills summary["merge_s"] (the per-round seconds) and summary["merge_roofline"]."""
     merge = {}
     for key, value in _MEDIANS.items():
         if key[0] == "merge":
-            merge.setdefault(f"{key[1]} B={key[2]}", {}).setdefault(key[3], {})[key[4]] = value
+            merge.setdefault(f"{key[1]} B={key[2]}", {})[key[3]] = value
     summary["merge_s"] = merge
     gpu = gpu_of(torch.cuda.get_device_name(0)) if DEVICE.type == "cuda" else None
     head = ("| merge step | backend | packed | pad, merge, pack | speedup | of which dtome_merge | "
-            "ideal MB packed / padded | FLOPs padded / packed |")
+            "packed vs dtome_merge alone | ideal MB packed / padded | FLOPs padded / packed |")
     lines = [head + (f" packed vs {gpu} roofline |" if gpu else ""),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
     for label, backends in merge.items():
-        packed_cost, padded_cost = _COSTS.get(("merge", label, "packed")), _COSTS.get(("merge", label, "padded"))
-        for backend, paths in backends.items():
-            if "packed" not in paths or "padded" not in paths:
-                continue
-            packed, padded = paths["packed"], paths["padded"]
-            op_only = paths.get("padded-op-only")
-            line = (f"| {label} | {backend} | {packed * 1e3:.2f} ms | {padded * 1e3:.2f} ms | {padded / packed:.2f}x | "
-                    f"{f'{op_only * 1e3:.2f} ms' if op_only else '-'} | "
-                    f"{packed_cost.ideal_bytes / 1e6:.1f} / {padded_cost.ideal_bytes / 1e6:.1f} | "
-                    f"{padded_cost.flops / packed_cost.flops:.2f}x |")
+        cost = {path: _COSTS[("merge", label, path)] for path in MERGE_PATHS}
+        for backend, rounds in backends.items():
+            best = {path: min(t) for path, t in rounds.items()}
+            line = (f"| {label} | {backend} | {best['packed'] * 1e3:.2f} ms | {best['padded'] * 1e3:.2f} ms | "
+                    f"{median_ratio(rounds['padded'], rounds['packed']):.2f}x | "
+                    f"{best['padded-op-only'] * 1e3:.2f} ms | "
+                    f"{median_ratio(rounds['padded-op-only'], rounds['packed']):.2f}x | "
+                    f"{cost['packed'].ideal_bytes / 1e6:.1f} / {cost['padded'].ideal_bytes / 1e6:.1f} | "
+                    f"{cost['padded-op-only'].flops / cost['packed'].flops:.2f}x |")
             if gpu:
-                line += f" {100 * packed_cost.roofline_s(gpu) / packed:.1f}% |"
+                line += f" {100 * cost['packed'].roofline_s(gpu) / best['packed']:.1f}% |"
             lines.append(line)
     roof = {}
-    for (kind, label, path), cost in _COSTS.items():
+    for (kind, label, path), c in _COSTS.items():
         if kind == "merge":
-            roof.setdefault(label, {})[path] = cost.as_dict()
+            roof.setdefault(label, {})[path] = c.as_dict()
     summary["merge_roofline"] = roof
-    lines.append(f"Best of 10 rounds per case, {MERGES_PER_IMAGE} merges per image. pad, merge, pack: ``merge_through_padding`` "
-                 "with the same backend; of which dtome_merge: the padded op alone on the batch padded "
-                 "beforehand. Ideal MB: the roofline model (benchmarks/roofline.py); the padded figure "
-                 "includes the copies.")
+    lines.append(f"All three paths once per round, interleaved, {MERGE_ROUNDS} rounds; times: best round; "
+                 f"speedups: median over rounds of the per-round ratio (> 1: packed faster). "
+                 f"{MERGES_PER_IMAGE} merges per image. pad, merge, pack: ``merge_through_padding`` with the "
+                 "same backend; dtome_merge alone: the padded op on the batch padded beforehand. Ideal MB: "
+                 "the roofline model (benchmarks/roofline.py); the padded figure includes the copies.")
     return lines
