@@ -111,6 +111,58 @@ def _dtome_tiles(n: int, c: int, d: int, batch: int, dtype: str):
         return 32 if DTYPE_BYTES[dtype] == 2 else 16, 64 if DTYPE_BYTES[dtype] == 2 else 32, 1, 64
 
 
+# --------------------------------------------------------------------------------------------- packed varlen
+
+
+def _sum_costs(costs) -> Cost:
+    costs = list(costs)
+    return Cost(sum(c.ideal_bytes for c in costs), sum(c.flops for c in costs), sum(c.kernel_bytes for c in costs),
+                tensor_cores=costs[0].tensor_cores)
+
+
+def dtome_merge_varlen_cost(lengths, n0: int, c: int, d: int, dtype: str = "fp32", padded: bool = False,
+                            metric_dtype: str | None = None) -> Cost:
+    """One DToMe step on images of ``lengths`` rows (each standing for n0 original positions).
+
+    Packed (``dk.dtome_merge_varlen``): the sum over images of ``dtome_merge_cost`` with B = 1,
+    N = the image's length. ``padded=True``: what the path through padding moves and computes:
+    ``dtome_merge_cost`` on [B, max(lengths)], plus the gather of the packed x / metric / size
+    rows into the padded batch (read T rows, write B * max rows) and the scatter of the merged
+    x / size back (read B * max rows, write T) with its pos_map shift (read and write B * n0).
+    """
+    lengths = [int(t) for t in lengths]
+    if not padded:
+        return _sum_costs(dtome_merge_cost(1, t, c, d, dtype, n0=n0, metric_dtype=metric_dtype) for t in lengths)
+    batch, longest, total = len(lengths), max(lengths), sum(lengths)
+    e, em = DTYPE_BYTES[dtype], DTYPE_BYTES[metric_dtype or dtype]
+    merge = dtome_merge_cost(batch, longest, c, d, dtype, n0=n0, metric_dtype=metric_dtype)
+    moved = (total + batch * longest) * (d * e + c * em + 4) + (batch * longest + total) * (d * e + 4) + batch * n0 * 4 * 2
+    return Cost(merge.ideal_bytes + moved, merge.flops, merge.kernel_bytes + moved, tensor_cores=False)
+
+
+def varlen_attention_cost(lengths, heads: int, dim: int, dtype: str = "bf16", padded: bool = False,
+                          block_m: int = 128) -> Cost:
+    """One proportional (log-size biased) attention call over images of ``lengths`` rows.
+
+    Ideal: read q, k, v and the sizes of every row, write the output. FLOPs: QK^T and PV,
+    2 * 2 * t^2 * dim per head and image (the softmax's few per score are left out).
+    ``padded=True``: the same on [B, max(lengths)] with the [B, 1, 1, max] float mask, every
+    image paying for the longest. Kernel bytes: FlashAttention style, K and V re-read once per
+    query tile of ``block_m`` rows (a model, not the native kernel's exact tiling).
+    """
+    lengths = [int(t) for t in lengths]
+    if padded:
+        lengths, mask = [max(lengths)] * len(lengths), DTYPE_BYTES[dtype]
+    else:
+        mask = 4  # the fp32 size per row
+    e = DTYPE_BYTES[dtype]
+    ideal = sum(t * (4 * heads * dim * e + mask) for t in lengths)
+    flops = sum(4.0 * t * t * dim * heads for t in lengths)
+    kernel = sum(t * (2 * heads * dim * e + mask) + _cdiv(t, block_m) * t * (2 * heads * dim * e + mask)
+                 for t in lengths)
+    return Cost(ideal, flops, kernel, tensor_cores=dtype != "fp32")
+
+
 # --------------------------------------------------------------------------------------------- VTU
 
 
