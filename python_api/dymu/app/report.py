@@ -3,7 +3,8 @@
 The suites in ``benchmarks/`` follow one convention (benchmarks/harness.py): each benchmark's
 ``group`` is a shape label and its ``extra_info`` holds ``impl`` ("official-eager",
 "fast-path", "reference", "native", "triton", ...), ``op``, ``shape`` and optionally
-``peak_bytes``. The baselines are "official-eager" (DToMe ops) and "fast-path" (VTU); every
+``peak_bytes``. The baselines are "official-eager" (DToMe ops), "fast-path" (VTU),
+"full-cache-sdpa" (VTU decode) and "sdpa-masked-padded" (varlen attention); every
 other implementation is reported as a speedup against the baseline of the same op and shape in
 the same run (baseline median / median, > 1 is faster). Absolute times are only comparable
 within one run on one machine, so each report is tagged with the machine.
@@ -30,8 +31,8 @@ from pathlib import Path
 
 from .._atomic import atomic_write, write_text
 
-BASELINES = ("official-eager", "fast-path", "full-cache-sdpa")
-IMPL_ORDER = ("official-eager", "fast-path", "full-cache-sdpa", "reference", "native", "triton")
+BASELINES = ("official-eager", "fast-path", "full-cache-sdpa", "sdpa-masked-padded")
+IMPL_ORDER = ("official-eager", "fast-path", "full-cache-sdpa", "sdpa-masked-padded", "reference", "native", "triton")
 
 
 # --------------------------------------------------------------------------------------------
