@@ -9,9 +9,10 @@
 // Structure:
 //   - merge: every image is a contiguous [1, n, D] view of the packed rows, so each one runs
 //     the padded native kernel (dymu::native_dtome_merge, csrc/dtome_cpu.cpp, through the
-//     dispatcher) into per-image scratch; a prefix sum over the new lengths gives the new
-//     cu_seqlens, then the kept rows are copied to their packed place, row_map is offset and
-//     pos_map composed. The decisions and merged values are therefore bit-identical to
+//     dispatcher) straight into its own rows of the outputs; a prefix sum over the new lengths
+//     gives the new cu_seqlens, then the kept rows are moved down to their packed place (in
+//     image order, so no row is overwritten before it moves), row_map is offset and pos_map
+//     composed; no per-image scratch. The decisions and merged values are therefore bit-identical to
 //     dk.dtome_merge(backend="native") on the padded batch.
 //   - attention: per image, ATen's CPU flash-attention kernel (at::scaled_dot_product_attention:
 //     blocked GEMMs, fp32 online softmax) on the image's [1, H, n, D] views in fp32, with the
@@ -101,25 +102,22 @@ void native_dtome_merge_varlen(const at::Tensor& x, const at::Tensor& metric, co
   TORCH_CHECK(threshold.size(0) == batch, "threshold must be [B]");
   static auto merge = c10::Dispatcher::singleton().findSchemaOrThrow("dymu::native_dtome_merge", "").typed<MergeFn>();
 
+  // Each image merges straight into its own rows of the outputs (its n input rows hold its
+  // k <= n merged rows); the kept rows are then moved down to the new offsets in image order,
+  // which never overwrites rows not yet moved (new offset <= old offset).
   const size_t elem = x.element_size();
-  std::vector<at::Tensor> xs(batch), ss(batch), rms(batch);
   std::vector<int32_t> kept(batch, 0);
   over_images(batch, [&](int64_t b) {
     const int64_t start = cu[b], n = cu[b + 1] - cu[b];
     if (n == 0) return;
     auto lengths = at::empty({1}, at::TensorOptions().dtype(at::kInt));
     lengths.data_ptr<int32_t>()[0] = static_cast<int32_t>(n);
-    auto xo = at::empty({1, n, dim}, x.options());
-    auto so = at::empty({1, n}, size.options());
     auto lo = at::empty({1}, lengths.options());
-    auto rmo = at::empty({1, n}, lengths.options());
     merge.call(x.narrow(0, start, n).unsqueeze(0), metric.narrow(0, start, n).unsqueeze(0),
                size.narrow(0, start, n).unsqueeze(0), lengths, threshold.narrow(0, b, 1), std::nullopt,
-               protect_first, xo, so, lo, rmo, std::nullopt);
+               protect_first, x_out.narrow(0, start, n).unsqueeze(0), size_out.narrow(0, start, n).unsqueeze(0), lo,
+               row_map_out.narrow(0, start, n).unsqueeze(0), std::nullopt);
     kept[b] = lo.data_ptr<int32_t>()[0];
-    xs[b] = xo;
-    ss[b] = so;
-    rms[b] = rmo;
   });
   int32_t* new_cu = cu_out.data_ptr<int32_t>();
   new_cu[0] = 0;
@@ -127,13 +125,15 @@ void native_dtome_merge_varlen(const at::Tensor& x, const at::Tensor& metric, co
   char* xo_base = static_cast<char*>(x_out.data_ptr());
   float* so_base = size_out.data_ptr<float>();
   int32_t* rm = row_map_out.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t start = cu[b], k = kept[b], dest = new_cu[b];
+    if (k == 0 || dest == start) continue;
+    std::memmove(xo_base + dest * dim * elem, xo_base + start * dim * elem, static_cast<size_t>(k * dim) * elem);
+    std::memmove(so_base + dest, so_base + start, static_cast<size_t>(k) * sizeof(float));
+  }
   over_images(batch, [&](int64_t b) {
-    const int64_t start = cu[b], n = cu[b + 1] - cu[b], k = kept[b], dest = new_cu[b];
-    if (n == 0) return;
-    std::memcpy(xo_base + dest * dim * elem, xs[b].const_data_ptr(), static_cast<size_t>(k * dim) * elem);
-    std::memcpy(so_base + dest, ss[b].const_data_ptr<float>(), static_cast<size_t>(k) * sizeof(float));
-    const int32_t* local = rms[b].const_data_ptr<int32_t>();
-    for (int64_t i = 0; i < n; ++i) rm[start + i] = local[i] < 0 ? -1 : static_cast<int32_t>(local[i] + dest);
+    const int64_t start = cu[b], n = cu[b + 1] - cu[b], dest = new_cu[b];
+    for (int64_t i = start; i < start + n; ++i) rm[i] = rm[i] < 0 ? -1 : static_cast<int32_t>(rm[i] + dest);
   });
   const int64_t total = new_cu[batch];
   std::memset(xo_base + total * dim * elem, 0, static_cast<size_t>((num_rows - total) * dim) * elem);
