@@ -80,20 +80,21 @@ def _group_config(n: int) -> dict:
     return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
 
 
-def _merge_config(n: int, d: int) -> dict:
-    """BLOCK_R output rows x BLOCK_S sources x BLOCK_D features per step (2048 fp32 lanes).
+def _merge_config(n: int, d: int, interpreter: bool = False) -> dict:
+    """BLOCK_R output rows per program, walked CHUNK positions x BLOCK_D features per step.
 
-    BLOCK_D is the power of two in 32..256 that pads D least (ties -> the larger block), so
-    SigLIP's D = 1152 takes 9 blocks of 128 with no masked lane; the grid covers D.
+    BLOCK_D is 64 or 32, whichever pads D less (ties -> 64), capped at D's power of two; the grid
+    covers D. CHUNK = 64 positions of ``order`` per step whatever the rows' source counts; a
+    program owning BLOCK_R = 32 rows of a typical step (about half the rows merge) finishes in
+    one or two steps, and one owning a row with hundreds of sources (a flat image) in a few more.
+    8 warps: at 4 the [64, 64] scan spills 8 B of stack on sm_80. Under the interpreter (whose
+    scan is an element-by-element Python loop) CHUNK = 16, which also puts chunk boundaries
+    inside the tests' small rows.
     """
     d = max(d, 1)
-    block_d = min((256, 128, 64, 32), key=lambda blk: (triton.cdiv(d, blk) * blk - d, -blk))
+    block_d = min((64, 32), key=lambda blk: (triton.cdiv(d, blk) * blk - d, -blk))
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
-    # Most DToMe output rows have one or two sources (itself, plus a merged source or two), so
-    # BLOCK_S = 2 wastes few lanes; busier rows take more steps.
-    block_s = 2
-    block_r = max(1, 2048 // (block_s * block_d))
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_P=16, num_warps=4)
+    return dict(BLOCK_R=32, CHUNK=16 if interpreter else 64, BLOCK_D=block_d, BLOCK_P=16, num_warps=8)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -162,16 +163,17 @@ def _launch_merge(x, size, row_map, pos_map):
         return x_out, size_out, pos_out
     row_map = row_map.contiguous()
     order = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
+    key = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     start = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     count = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     gcfg = _group_config(n)
-    cfg = _merge_config(n, d)
+    cfg = _merge_config(n, d, triton_interpreting())
     grid = (triton.cdiv(n, cfg["BLOCK_R"]), bsz, max(1, triton.cdiv(d, cfg["BLOCK_D"])))
     pos_in = pos_map.contiguous() if has_pos else row_map  # a dummy pointer when absent
     with _device_guard(x.device):
-        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](row_map, order, start, count, n, **gcfg)
+        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](row_map, order, key, start, count, n, **gcfg)
         merge_kernel[grid](
-            x, size.contiguous(), order, start, count, row_map, x_out, size_out, pos_in, pos_out,
+            x, size.contiguous(), order, key, start, count, row_map, x_out, size_out, pos_in, pos_out,
             n, d, n0, *x.stride(), HAS_POS_MAP=has_pos,
             BF16_BY_BITS=x.dtype == torch.bfloat16 and triton_interpreting(), **cfg,
         )
@@ -373,10 +375,11 @@ def _specs():
     for shape, (n, _, _, protect) in _SHAPES.items():
         specs.append(_spec(f"dtome.select[{shape}]", select_kernel, sig, _select_config(n),
                            {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect))
-    sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "N": "i32"}
+    sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32",
+           "N": "i32"}
     specs.append(_spec("dtome.group_rows", group_rows_kernel, sig, _group_config(577), {"divisible_by_16": _pointers(sig)}))
     for dtype in _DTYPES:
-        sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "start_ptr": "*i32",
+        sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32",
                "count_ptr": "*i32", "row_map_ptr": "*i32", "x_out_ptr": f"*{dtype}", "size_out_ptr": "*fp32",
                "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "N": "i32", "D": "i32", "N0": "i32",
                "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}

@@ -15,11 +15,18 @@ Five kernels; a fused merge step is four launches (five when the similarity grid
   chunks of BLOCK, so any N works).
 - ``group_rows_kernel``: grid (cdiv(N, BLOCK_I), B). A counting sort of the rows by output row
   without atomics (rank = rows with a smaller key + equal keys before it): ``order`` lists every
-  output row's sources contiguously in index order, with ``start`` / ``count`` per output row.
-- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). Each output row gathers its
-  sources BLOCK_S at a time (a [BLOCK_R, BLOCK_S, BLOCK_D] tile of independent loads), sums
-  them in fp32 and writes the size-weighted mean (or zeros). The programs with pid(2) == 0 also
-  compose ``pos_map`` with ``row_map`` (the blocks of pos_map strided over the grid).
+  output row's sources contiguously in index order, ``key`` the output row at each position of
+  ``order``, with ``start`` / ``count`` per output row.
+- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). A program owns BLOCK_R
+  consecutive output rows, hence one contiguous range of ``order`` (from the start of its first
+  row to the end of its last), and walks it CHUNK positions at a time: a [CHUNK, BLOCK_D] gather
+  of source rows whatever the rows' counts, times their sizes, reduced per output row by a
+  segmented scan (``tl.associative_scan``; a run restarts where ``key`` changes). Rows whose run
+  ends in the chunk are written (size-weighted mean, size sum); the run still open at the chunk's
+  end is carried in registers into the next step. Owned rows with no source are written as zeros
+  (size 0). No row is shared between programs, so nothing is reduced across programs. The
+  programs with pid(2) == 0 also compose ``pos_map`` with ``row_map`` (the blocks of pos_map
+  strided over the grid).
 
 Rules every kernel keeps: integer sizes (N, N0, split sizes) are do_not_specialize, strides
 are not (so the runtime's divisibility-by-16 and == 1 specialisation gives vectorised gathers);
@@ -32,12 +39,16 @@ Limitations (honest notes):
   sm_80 / sm_90 (no spills, vectorised gathers: ``python -m dymu_kernels.compile_check``); not
   yet run or timed on a GPU. On a GPU the merge accumulation may be contracted into FMAs, so x
   can differ from the reference in the last bits (index outputs are exact; sizes are exact for
-  integer counts, and agree to rounding otherwise, since a row's sources are summed BLOCK_S at
-  a time in a fixed tree rather than one by one).
+  integer counts, and agree to rounding otherwise: a row's sources are summed in the scan's fixed
+  tree within a chunk and in position order across chunks, not one by one). The chunking is
+  fixed by the launch configuration, so results are bit-identical run to run.
 - The grouping kernel compares every row with every row of its image: O(N^2) integer compares
   in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000).
-- An output row with very many sources (every source of a flat image into one destination)
-  takes cdiv(count, BLOCK_S) steps; its neighbours in the block wait for it.
+- Work per merge program is the number of positions it owns, in CHUNK steps: a flat image whose
+  every source goes to one destination (~289 positions at N = 577) costs its owner
+  cdiv(positions, CHUNK) steps (5 at CHUNK = 64) while the other programs take one; rows are
+  assigned to programs by count of rows, not of sources. Lanes past the owned range in the last
+  chunk are masked.
 - Scores use IEEE fp32 dots (no TF32), so the similarity kernel runs on the FMA units, not the
   tensor cores; at C <= 128 this is a small part of a step. Source chunks are re-read (from
   L1/L2) for every destination tile, since a runtime loop over C cannot keep them in registers.
@@ -236,6 +247,7 @@ def round_to_bf16(v):
 def group_rows_kernel(
     row_map_ptr,  # [B, N] int32, contiguous: output row of every input row (< 0 or >= N: none)
     order_ptr,  # [B, N] int32 out: input rows sorted by output row, stable (unmapped rows last)
+    key_ptr,  # [B, N] int32 out: the output row of order's entry at each position (N: unmapped)
     start_ptr,  # [B, N] int32 out: first position in order of output row r's sources
     count_ptr,  # [B, N] int32 out: number of sources of output row r
     N,
@@ -264,16 +276,24 @@ def group_rows_kernel(
         below += tl.sum((key_j[None, :] < i[:, None]).to(tl.int32), axis=1)
         same += tl.sum((key_j[None, :] == i[:, None]).to(tl.int32), axis=1)
     tl.store(order_ptr + base + rank, i, mask=i_ok)  # a permutation: no two rows share a rank
+    tl.store(key_ptr + base + rank, key_i, mask=i_ok)
     tl.store(start_ptr + base + i, below, mask=i_ok)
     tl.store(count_ptr + base + i, same, mask=i_ok)
+
+
+@triton.jit
+def _segmented_add(head_a, sum_a, head_b, sum_b):
+    """Combine of a segmented inclusive sum: a run restarts where head is set."""
+    return head_a | head_b, tl.where(head_b != 0, sum_b, sum_a + sum_b)
 
 
 @triton.jit(do_not_specialize=["N", "N0"])
 def merge_kernel(
     x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides
     size_ptr,  # [B, N] fp32, contiguous
-    order_ptr,  # [B, N] int32: rows grouped by output row (group_rows_kernel)
-    start_ptr,  # [B, N] int32: first source of output row r in order
+    order_ptr,  # [B, N] int32: input rows grouped by output row (group_rows_kernel)
+    key_ptr,  # [B, N] int32: output row of each position of order
+    start_ptr,  # [B, N] int32: first position in order of output row r's sources
     count_ptr,  # [B, N] int32: number of sources of output row r
     row_map_ptr,  # [B, N] int32, contiguous (read for pos_map only)
     x_out_ptr,  # [B, N, D] x.dtype out, contiguous
@@ -288,56 +308,88 @@ def merge_kernel(
     stride_xd,
     HAS_POS_MAP: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,  # round bf16 outputs by hand (interpreter only)
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # output rows owned by one program
+    CHUNK: tl.constexpr,  # positions of order gathered per step
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    # A program owns the output rows [r0, r0 + BLOCK_R) and so the positions [start[r0], end of
+    # its last row) of order: their sources, sorted by output row. It walks them CHUNK at a time
+    # (a [CHUNK, BLOCK_D] gather whatever the rows' counts), reduces the products size * x per
+    # output row with a segmented scan, writes every row whose run ends in the chunk and
+    # carries the run that continues past the chunk into the next step. Fixed chunking and a
+    # fixed scan tree: bit-identical run to run; no other program touches these rows.
     pid_r = tl.program_id(0)
     b = tl.program_id(1)
     pid_d = tl.program_id(2)
     row_base = b.to(tl.int64) * N
     x_base = x_ptr + b.to(tl.int64) * stride_xb
-    out_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's output rows
+    r0 = pid_r * BLOCK_R
+    out_rows = r0 + tl.arange(0, BLOCK_R)
     r_ok = out_rows < N
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    first = tl.load(start_ptr + row_base + out_rows, mask=r_ok, other=0)
-    count = tl.load(count_ptr + row_base + out_rows, mask=r_ok, other=0)
-    ks = tl.arange(0, BLOCK_S)
 
-    # Every output row gathers BLOCK_S of its sources per step (a [BLOCK_R, BLOCK_S, BLOCK_D]
-    # tile), in index order, summed in a fixed tree: bit-identical run to run.
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    total = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, tl.max(count, axis=0), BLOCK_S):
-        k = k0 + ks
-        has = k[None, :] < count[:, None]  # [BLOCK_R, BLOCK_S]
-        i = tl.load(order_ptr + row_base + first[:, None] + k[None, :], mask=has, other=0)
-        s = tl.load(size_ptr + row_base + i, mask=has, other=0.0)
+    # Owned rows with no source: zeros (size 0).
+    count = tl.load(count_ptr + row_base + out_rows, mask=r_ok, other=1)
+    empty = r_ok & (count == 0)
+    zero_ptrs = x_out_ptr + (row_base + out_rows)[:, None] * D + offs_d[None, :]
+    tl.store(zero_ptrs, tl.zeros([BLOCK_R, BLOCK_D], tl.float32).to(x_out_ptr.dtype.element_ty),
+             mask=empty[:, None] & d_ok[None, :])
+
+    last = tl.minimum(r0 + BLOCK_R, N) - 1
+    p_lo = tl.load(start_ptr + row_base + r0)
+    p_hi = tl.load(start_ptr + row_base + last) + tl.load(count_ptr + row_base + last)
+    lanes = tl.arange(0, CHUNK)
+    carry = tl.zeros([BLOCK_D], tl.float32)  # the run still open at the end of the last chunk
+    carry_size = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
+    carry_key = tl.sum(tl.zeros([CHUNK], tl.int32), axis=0) - 1
+    for p0 in range(p_lo, p_hi, CHUNK):
+        p = p0 + lanes
+        ok = p < p_hi
+        i = tl.load(order_ptr + row_base + p, mask=ok, other=0)
+        key = tl.load(key_ptr + row_base + p, mask=ok, other=-1)
+        key_prev = tl.load(key_ptr + row_base + p - 1, mask=ok & (lanes > 0), other=-1)
+        key_next = tl.load(key_ptr + row_base + p + 1, mask=p + 1 < p_hi, other=-1)
+        s = tl.load(size_ptr + row_base + i, mask=ok, other=0.0)
         xi = tl.load(
-            x_base + i[:, :, None].to(tl.int64) * stride_xn + offs_d[None, None, :] * stride_xd,
-            mask=has[:, :, None] & d_ok[None, None, :],
+            x_base + i[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+            mask=ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(xi.to(tl.float32) * s[:, :, None], axis=1)
-        total += tl.sum(s, axis=1)
+        v = xi.to(tl.float32) * s[:, None]
+        # The run open at the previous chunk's end continues into lane 0 (carry first: sums run
+        # in position order across chunk boundaries).
+        joins = (lanes == 0) & (key == carry_key)
+        v = tl.where(joins[:, None], carry[None, :] + v, v)
+        s = tl.where(joins, carry_size + s, s)
+        head = ((lanes == 0) | (key != key_prev)).to(tl.int32)
+        _, acc = tl.associative_scan((tl.broadcast_to(head[:, None], [CHUNK, BLOCK_D]), v), 0, _segmented_add)
+        _, total = tl.associative_scan((head, s), 0, _segmented_add)
+        # A row is complete at the last position of its run.
+        done = ok & (key != key_next)
+        mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
+        out_ptrs = x_out_ptr + (row_base + key)[:, None] * D + offs_d[None, :]
+        if BF16_BY_BITS:
+            tl.store(out_ptrs, round_to_bf16(mean), mask=done[:, None] & d_ok[None, :])
+        else:
+            tl.store(out_ptrs, mean.to(x_out_ptr.dtype.element_ty), mask=done[:, None] & d_ok[None, :])
+        if pid_d == 0:
+            tl.store(size_out_ptr + row_base + key, total, mask=done)
+        at_end = lanes == CHUNK - 1
+        carry = tl.sum(tl.where(at_end[:, None], acc, 0.0), axis=0)
+        carry_size = tl.sum(tl.where(at_end, total, 0.0), axis=0)
+        carry_key = tl.sum(tl.where(at_end, key, 0), axis=0)
 
-    mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
-    out_ptrs = x_out_ptr + (row_base + out_rows)[:, None] * D + offs_d[None, :]
-    if BF16_BY_BITS:
-        tl.store(out_ptrs, round_to_bf16(mean), mask=r_ok[:, None] & d_ok[None, :])
-    else:
-        tl.store(out_ptrs, mean.to(x_out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
-        tl.store(size_out_ptr + row_base + out_rows, total, mask=r_ok)
+        tl.store(size_out_ptr + row_base + out_rows, tl.zeros([BLOCK_R], tl.float32), mask=empty)
         if HAS_POS_MAP:
             # pos_map'[b, p] = row_map[b, pos_map[b, p]]: the row programs share the blocks.
             offs_p = tl.arange(0, BLOCK_P)
-            for p0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
-                p = p0 + offs_p
-                p_ok = p < N0
-                pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + p, mask=p_ok, other=-1)
-                pos_ok = p_ok & (pos >= 0) & (pos < N)
+            for q0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
+                q = q0 + offs_p
+                q_ok = q < N0
+                pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + q, mask=q_ok, other=-1)
+                pos_ok = q_ok & (pos >= 0) & (pos < N)
                 moved = tl.load(row_map_ptr + row_base + pos, mask=pos_ok, other=-1)
-                tl.store(pos_out_ptr + b.to(tl.int64) * N0 + p, tl.where(pos_ok, moved, -1), mask=p_ok)
+                tl.store(pos_out_ptr + b.to(tl.int64) * N0 + q, tl.where(pos_ok, moved, -1), mask=q_ok)
