@@ -277,3 +277,31 @@ def test_reference_on_meta_tensors():
     q = torch.randn(10, 2, 8, device="meta", dtype=torch.bfloat16)
     out = dk.proportional_attention_varlen(q, q, q, size, cu, backend="reference")
     assert out.shape == (10, 2, 8) and out.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ Triton reads the packed rows
+
+
+@pytest.mark.parametrize("backend", backend_params("dtome_merge_varlen")[2:])
+def test_triton_merge_varlen_allocates_no_padded_batch(backend):
+    """The Triton varlen merge works on the packed rows: no [B, max_seqlen, D] (or C) gather of
+    x or metric is ever allocated (the profiler records every allocation the step makes)."""
+    lens, width, c, d = [10, 2, 2], 10, 24, 16
+    x, metric, size = make_batch(lens, width, c, d, torch.float32, seed=7)
+    device = device_for(backend)
+    xp, mp, sp = (pack(t, lens).to(device) for t in (x, metric, size))
+    cu = cu_of(lens).to(device)
+    num_rows = xp.shape[0]
+    padded_bytes = min(len(lens) * width * d, len(lens) * width * c) * 4
+    assert num_rows * d * 4 < padded_bytes  # x_out ([T, D]) is smaller than any padded gather
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        res = dk.dtome_merge_varlen(xp, mp, sp, cu, 0.1, max_seqlen=width, backend=backend)
+    sizes = [max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0) or 0) for e in prof.events()]
+    assert max(sizes) >= num_rows * d * 4, "the profiler should have seen x_out"
+    assert max(sizes) < padded_bytes, sorted(sizes)[-5:]
+    ref = dk.dtome_merge_varlen(xp.cpu(), mp.cpu(), sp.cpu(), cu.cpu(), 0.1, max_seqlen=width, backend="reference")
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.cu_seqlens.cpu(), ref.cu_seqlens)
+    torch.testing.assert_close(res.x.cpu(), ref.x, atol=1e-6, rtol=1e-5)

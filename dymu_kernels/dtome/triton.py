@@ -126,7 +126,7 @@ def _launch_similarity(metric, lengths, protect_first):
     with _device_guard(metric.device):
         similarity_kernel[grid](
             metric, lengths.contiguous(), part_max, part_idx, n, c, *metric.stride(), dst_per_split,
-            PROTECT_FIRST=protect_first, **cfg,
+            PROTECT_FIRST=protect_first, PACKED=False, **cfg,
         )
         if splits > 1:
             total = bsz * num_src
@@ -145,7 +145,8 @@ def _launch_select(node_max, node_idx, lengths, threshold, num_rows, protect_fir
     with _device_guard(node_max.device):
         select_kernel[(bsz,)](
             node_max.contiguous(), node_idx.contiguous(), lengths.contiguous(), threshold.contiguous(),
-            row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, **_select_config(num_rows),
+            row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, PACKED=False,
+            **_select_config(num_rows),
         )
     return row_map, new_lengths
 
@@ -171,10 +172,12 @@ def _launch_merge(x, size, row_map, pos_map):
     grid = (triton.cdiv(n, cfg["BLOCK_R"]), bsz, max(1, triton.cdiv(d, cfg["BLOCK_D"])))
     pos_in = pos_map.contiguous() if has_pos else row_map  # a dummy pointer when absent
     with _device_guard(x.device):
-        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](row_map, order, key, start, count, n, **gcfg)
+        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](
+            row_map, order, key, start, count, row_map, row_map, row_map, n, 0, PACKED=False, **gcfg
+        )  # (cu / new_cu / packed map: unused dummies)
         merge_kernel[grid](
             x, size.contiguous(), order, key, start, count, row_map, x_out, size_out, pos_in, pos_out,
-            n, d, n0, *x.stride(), HAS_POS_MAP=has_pos,
+            row_map, row_map, n, d, n0, 0, *x.stride(), HAS_POS_MAP=has_pos, PACKED=False,
             BF16_BY_BITS=x.dtype == torch.bfloat16 and triton_interpreting(), **cfg,
         )
     return x_out, size_out, pos_out
@@ -351,8 +354,13 @@ def _pointers(signature):
     return [k for k, v in signature.items() if v.startswith("*")]
 
 
-def _specs():
+def kernel_specs(packed: bool = False):
+    """COMPILE_SPECS of the five kernels; ``packed``: their PACKED variants, the ones the Triton
+    ``dtome_merge_varlen`` launches (``dymu_kernels.varlen.triton``), named ``varlen.dtome_*``.
+    Packed shapes: image rows bounded by W = N of the model, x / metric [T, D] / [T, C] (batch
+    stride 0, row stride D / C)."""
     specs = []
+    prefix = "varlen.dtome_" if packed else "dtome."
     for dtype in _DTYPES:
         sig = {"metric_ptr": f"*{dtype}", "lengths_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
                "N": "i32", "C": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_mc": "i32",
@@ -361,37 +369,42 @@ def _specs():
             aligned = c % 16 == 0
             specialize = {"divisible_by_16": _pointers(sig) + (["C", "stride_mb", "stride_mn"] if aligned else []),
                           "equal_to_1": ["stride_mc"]}
-            specs.append(_spec(f"dtome.similarity[{shape} {dtype}, runtime]", similarity_kernel, sig,
+            if packed and not aligned:
+                specialize["divisible_by_16"].append("stride_mb")  # 0 in the packed launch
+            specs.append(_spec(f"{prefix}similarity[{shape} {dtype}, runtime]", similarity_kernel, sig,
                                _similarity_config(n, c, dtype=_TORCH[dtype]), specialize, vectorized_loads=aligned,
-                               PROTECT_FIRST=protect))
-        specs.append(_spec(f"dtome.similarity[{dtype}, any strides]", similarity_kernel, sig,
-                           _similarity_config(577, 64, dtype=_TORCH[dtype]), PROTECT_FIRST=False))
-    sig = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
-           "total": "i32", "num_splits": "i32"}
-    specs.append(_spec("dtome.similarity_combine", similarity_combine_kernel, sig, dict(BLOCK=1024, num_warps=4),
-                       {"divisible_by_16": _pointers(sig)}))
+                               PROTECT_FIRST=protect, PACKED=packed))
+        specs.append(_spec(f"{prefix}similarity[{dtype}, any strides]", similarity_kernel, sig,
+                           _similarity_config(577, 64, dtype=_TORCH[dtype]), PROTECT_FIRST=False, PACKED=packed))
+    if not packed:  # the combine kernel has no packed variant (its scratch is [S, B, ceil(W/2)] either way)
+        sig = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
+               "total": "i32", "num_splits": "i32"}
+        specs.append(_spec("dtome.similarity_combine", similarity_combine_kernel, sig, dict(BLOCK=1024, num_warps=4),
+                           {"divisible_by_16": _pointers(sig)}))
     sig = {"node_max_ptr": "*fp32", "node_idx_ptr": "*i32", "lengths_ptr": "*i32", "tau_ptr": "*fp32",
            "row_map_ptr": "*i32", "new_lengths_ptr": "*i32", "N": "i32"}
     for shape, (n, _, _, protect) in _SHAPES.items():
-        specs.append(_spec(f"dtome.select[{shape}]", select_kernel, sig, _select_config(n),
-                           {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect))
+        specs.append(_spec(f"{prefix}select[{shape}]", select_kernel, sig, _select_config(n),
+                           {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect, PACKED=packed))
     sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32",
-           "N": "i32"}
-    specs.append(_spec("dtome.group_rows", group_rows_kernel, sig, _group_config(577), {"divisible_by_16": _pointers(sig)}))
+           "cu_ptr": "*i32", "new_cu_ptr": "*i32", "packed_map_ptr": "*i32", "N": "i32", "T": "i32"}
+    for shape, (n, _, _, _) in _SHAPES.items():
+        specs.append(_spec(f"{prefix}group_rows[{shape}]", group_rows_kernel, sig, _group_config(n),
+                           {"divisible_by_16": _pointers(sig)}, PACKED=packed))
     for dtype in _DTYPES:
         sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32",
                "count_ptr": "*i32", "row_map_ptr": "*i32", "x_out_ptr": f"*{dtype}", "size_out_ptr": "*fp32",
-               "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "N": "i32", "D": "i32", "N0": "i32",
-               "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+               "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "cu_ptr": "*i32", "new_cu_ptr": "*i32",
+               "N": "i32", "D": "i32", "N0": "i32", "T": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
         specialize = {"divisible_by_16": _pointers(sig) + ["D", "stride_xb", "stride_xn"], "equal_to_1": ["stride_xd"]}
         for shape, (n, _, d, _) in _SHAPES.items():
             for has_pos in (False, True):
-                specs.append(_spec(f"dtome.merge[{shape} {dtype}, pos_map={has_pos}, runtime]", merge_kernel, sig,
+                specs.append(_spec(f"{prefix}merge[{shape} {dtype}, pos_map={has_pos}, runtime]", merge_kernel, sig,
                                    _merge_config(n, d), specialize, vectorized_loads=True,
-                                   HAS_POS_MAP=has_pos, BF16_BY_BITS=False))
-        specs.append(_spec(f"dtome.merge[{dtype}, pos_map=True, any strides]", merge_kernel, sig,
-                           _merge_config(577, 1024), HAS_POS_MAP=True, BF16_BY_BITS=False))
+                                   HAS_POS_MAP=has_pos, PACKED=packed, BF16_BY_BITS=False))
+        specs.append(_spec(f"{prefix}merge[{dtype}, pos_map=True, any strides]", merge_kernel, sig,
+                           _merge_config(577, 1024), HAS_POS_MAP=True, PACKED=packed, BF16_BY_BITS=False))
     return specs
 
 
-COMPILE_SPECS = _specs()
+COMPILE_SPECS = kernel_specs()
