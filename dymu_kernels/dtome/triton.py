@@ -16,6 +16,9 @@ sync; not a Triton kernel; a NaN score counts as -inf there). No op
 synchronises with the host; no atomics at all, so every output is bit-identical run to run.
 Unvalidated lengths outside [0, N] act as clamped to [0, N].
 
+The same kernels have a PACKED mode (the packed layout of ``dk.dtome_merge_varlen``, launched by
+``dymu_kernels.varlen.triton``); ``kernel_specs(packed=True)`` lists its compile specs.
+
 Limitations: metric dim C <= 128 (padded to a power of two >= 16 inside); see the notes at the
 top of ``triton_kernels.py`` for the cost model of the merge kernel.
 """

@@ -28,9 +28,23 @@ Five kernels; a fused merge step is four launches (five when the similarity grid
   programs with pid(2) == 0 also compose ``pos_map`` with ``row_map`` (the blocks of pos_map
   strided over the grid).
 
-Rules every kernel keeps: integer sizes (N, N0, split sizes) are do_not_specialize, strides
+PACKED (a constexpr of the similarity, selection, grouping and merge kernels): the layout of
+``dk.dtome_merge_varlen`` (``dymu_kernels.varlen.triton`` launches it), read and written in place
+with no padded [B, W, ...] copy. N is then a bound W on every image's length (it sizes the grids
+and the [B, ceil(W/2)] edge scratch); image b's rows are the packed rows cu[b] .. cu[b+1]
+(``cu_seqlens``, loaded on the device), its t = cu[b+1] - cu[b] (<= W) rows are the only ones
+read, and its image-local scratch (the selection's local new rows, ``order`` / ``key`` /
+``start`` / ``count``) lives at packed rows cu[b] .. cu[b] + t of [T] buffers. Output row r of
+image b is packed row new_cu[b] + r, new_cu being the exclusive cumsum of the new lengths
+(computed on the device between the selection and the grouping). The grouping and merge grids
+get one extra program row, b = B: it writes -1 into the packed row_map past the input total,
+zeroes x / size past the new total (outputs keep capacity T), and composes pos_map (any shape,
+packed rows) with the packed row_map. Semantics per image are exactly the padded ones.
+
+Rules every kernel keeps: integer sizes (N, N0, T, split sizes) are do_not_specialize, strides
 are not (so the runtime's divisibility-by-16 and == 1 specialisation gives vectorised gathers);
-lengths are clamped to [0, N] (unvalidated GPU inputs never read past the rows); a NaN score
+lengths are clamped to [0, N] (unvalidated GPU inputs never read past the rows; PACKED, the
+launcher clamps cu_seqlens into [0, T] and makes it non-decreasing on the device); a NaN score
 never forms an edge (a source whose scores are all NaN / -inf gets -inf and -1); no atomics,
 so every output is bit-identical run to run.
 
@@ -43,7 +57,10 @@ Limitations (honest notes):
   tree within a chunk and in position order across chunks, not one by one). The chunking is
   fixed by the launch configuration, so results are bit-identical run to run.
 - The grouping kernel compares every row with every row of its image: O(N^2) integer compares
-  in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000).
+  in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000); PACKED, the
+  image's t rows only.
+- PACKED grids are sized by the bound W (``max_seqlen``, else T): without a bound every image
+  gets cdiv(T, block) programs per kernel, most of which own no rows and do (almost) no work.
 - Work per merge program is the number of positions it owns, in CHUNK steps: a flat image whose
   every source goes to one destination (~289 positions at N = 577) costs its owner
   cdiv(positions, CHUNK) steps (5 at CHUNK = 64) while the other programs take one; rows are
@@ -86,9 +103,9 @@ def similarity_kernel(
     b = tl.program_id(2)
     num_src = (N + 1) // 2
     if PACKED:
-        lo = tl.load(lengths_ptr + b)
-        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - lo, 0), N)
-        base = metric_ptr + lo.to(tl.int64) * stride_mn
+        first_row = tl.load(lengths_ptr + b)
+        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - first_row, 0), N)
+        base = metric_ptr + first_row.to(tl.int64) * stride_mn
     else:
         t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N never read past N
         base = metric_ptr + b.to(tl.int64) * stride_mb
@@ -112,6 +129,7 @@ def similarity_kernel(
     num_dst = t // 2  # valid odd rows: 1, 3, ..., < t
     lo = split * dst_per_split
     hi = tl.minimum(lo + dst_per_split, num_dst)
+    hi = tl.where(2 * pid_a * BLOCK_A < t, hi, lo)  # a tile past the image's rows: no scores to find
     for start in range(lo, hi, BLOCK_B):
         dst = start + tl.arange(0, BLOCK_B)  # destination j is row 2j + 1
         dst_ok = dst < hi

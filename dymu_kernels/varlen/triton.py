@@ -8,14 +8,17 @@ the packed total. No host sync: the grid is sized by a static bound on any image
 once. No per-length recompilation (lengths live on the device; the bound is do_not_specialize),
 no autotuning.
 
-``dtome_merge_varlen`` runs the padded Triton DToMe kernels (``dymu_kernels.dtome.triton``) on a
-[B, W] gather of the packed rows (W = ``max_seqlen`` when given, else T) and scatters the result
-back to the packed layout (``reference.merge_via_padded``: a few device gathers, no host sync).
-Honest note: the gather holds B * W rows for the step (the padding the packed layout avoids
-elsewhere), so pass ``max_seqlen``; a merge kernel that reads the packed rows directly is future
-work.
-Limitations: inference only; D even and <= 128; CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1 (tests).
+``dtome_merge_varlen`` runs the DToMe kernels of ``dymu_kernels.dtome.triton_kernels`` in their
+PACKED mode on the packed rows themselves: similarity (+ split combine), selection (image-local
+new rows into a [T] scratch), a device cumsum of the new lengths (the new cu_seqlens; no host
+sync, no .item()), grouping (which also writes the packed row_map) and merge (which also zeroes
+the rows past the new total and composes pos_map). Scratch is [T] int32 rows plus the
+[B, ceil(W/2)] best-edge scratch (W = ``max_seqlen`` when given, else T): no [B, W, D] or
+[B, W, C] gather of x or metric is allocated. ``max_seqlen`` only bounds the grids (every image
+gets cdiv(W, block) programs; without it cdiv(T, block), most of them idle). Unvalidated
+offsets act as clamped into [0, T] and non-decreasing (three tiny device ops).
+Limitations: inference only; the attention's head dim D even and <= 128, the merge's metric dim
+C <= 128; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 
 import math
