@@ -16,7 +16,9 @@ the rows past the new total and composes pos_map). Scratch is [T] int32 rows plu
 [B, ceil(W/2)] best-edge scratch (W = ``max_seqlen`` when given, else T): no [B, W, D] or
 [B, W, C] gather of x or metric is allocated. ``max_seqlen`` only bounds the grids (every image
 gets cdiv(W, block) programs; without it cdiv(T, block), most of them idle). Unvalidated
-offsets act as clamped into [0, T] and non-decreasing (three tiny device ops).
+offsets act as clamped into [0, T] and non-decreasing (three tiny device ops); with an
+unvalidated ``max_seqlen`` below a real length, that image's rows past W are dropped (their
+row_map entries are unspecified), but nothing is read or written outside the T rows.
 Limitations: inference only; the attention's head dim D even and <= 128, the merge's metric dim
 C <= 128; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 """
