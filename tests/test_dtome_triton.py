@@ -137,7 +137,7 @@ def test_scatter_merge_arbitrary_map(backend, dtype):
     x = torch.where(row_map[..., None] >= 0, x, float("nan")).to(dtype)  # unmapped rows: NaN
     x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
     x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
-    # Non-integer sizes: the kernel sums a row's sources BLOCK_S at a time (a fixed tree, not
+    # Non-integer sizes: the kernel sums a row's sources in a segmented scan (a fixed tree, not
     # index order), so the fp32 sums agree to rounding; integer counts (DToMe's sizes) are exact.
     assert torch.allclose(s_out.cpu(), s_ref, rtol=1e-6, atol=0)
     assert not x_out.cpu().isnan().any()
@@ -288,7 +288,7 @@ def test_nan_metric_rows_never_form_edges(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_flat_image_every_source_into_one_destination(backend, dtype):
     # A flat image: all rows identical, so every source picks row 1 (ties -> smallest row) and
-    # one output row receives 31 sources: many BLOCK_S steps of one row's sorted sources.
+    # one output row receives 31 sources: a run of one row's sorted sources across chunks.
     bsz, n, c, d = 1, 63, 16, 40
     g = torch.Generator().manual_seed(4)
     metric = torch.randn(1, 1, c, generator=g).expand(bsz, n, c).to(dtype).contiguous()
@@ -365,8 +365,9 @@ def test_similarity_grid_splits_destinations_when_small():
     assert programs >= 40, cfg  # was 5 programs at B = 1
     assert cfg["splits"] * cfg["dst_per_split"] >= 288 and cfg["dst_per_split"] % cfg["BLOCK_B"] == 0
     assert tb._similarity_config(577, 64, 64, torch.float16)["splits"] == 1
-    # D = 1152 (SigLIP): 9 blocks of 128, no masked lane; D = 1024: 4 of 256
-    assert tb._merge_config(729, 1152)["BLOCK_D"] == 128 and tb._merge_config(577, 1024)["BLOCK_D"] == 256
+    # D = 1152 (SigLIP): 18 blocks of 64, no masked lane; D = 1024: 16 of 64; D = 96: 3 of 32
+    assert tb._merge_config(729, 1152)["BLOCK_D"] == 64 and tb._merge_config(577, 1024)["BLOCK_D"] == 64
+    assert tb._merge_config(577, 96)["BLOCK_D"] == 32
 
 
 def triton_cdiv(a, b):
@@ -391,6 +392,7 @@ def test_compile_specs_cover_what_the_launchers_run(monkeypatch, shape, dtype):
     # The launchers' real block sizes, warps and stages at the model shapes are compiled by the
     # compile check, and its runtime variants claim no specialisation the arguments lack.
     tb = _backend()
+    monkeypatch.setattr(tb, "triton_interpreting", lambda: False)  # the GPU configuration
     n, c, d, cls = shape
     launches = []
 
@@ -429,3 +431,98 @@ def test_compile_specs_cover_what_the_launchers_run(monkeypatch, shape, dtype):
             for arg in special.get("divisible_by_16", []):
                 value = values[arg]
                 assert (value.data_ptr() % 16 == 0) if isinstance(value, torch.Tensor) else value % 16 == 0, (spec["name"], arg)
+
+
+# ----------------------------------------------------------------------------- segmented merge tail
+
+
+def _merge_chunk() -> int:
+    """Positions of order the merge kernel walks per step in this process (interpreter: 16)."""
+    from dymu_kernels._backends import triton_interpreting
+
+    return _backend()._merge_config(8, 8, triton_interpreting())["CHUNK"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_scatter_merge_one_destination_owns_many_chunks(backend):
+    # Every row of image 0 into output row 3 (owned by the first program): its run spans many
+    # chunks, carried from step to step; image 1 sends 70 rows into row 40 (the second
+    # program's first row), the rest one to one, so runs start mid-chunk too.
+    chunk = _merge_chunk()
+    n, d = max(5 * chunk + 7, 90), 12
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, n, d, generator=g)
+    size = torch.randint(1, 4, (2, n), generator=g).float()
+    row_map = torch.stack([torch.full((n,), 3), torch.arange(n)]).to(torch.int32)
+    row_map[1, 5:75] = 40
+    new_len = torch.tensor([4, n], dtype=torch.int32)
+    x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
+    x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
+    assert int((row_map[0] == 3).sum()) > 4 * chunk
+    assert torch.equal(s_out.cpu(), s_ref)  # integer sizes: exact in any order
+    assert torch.allclose(x_out.cpu(), x_ref, atol=1e-6, rtol=1e-5)
+    assert (x_out.cpu()[0, :3] == 0).all() and (x_out.cpu()[0, 4:] == 0).all() and (s_out.cpu()[0, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_scatter_merge_rows_with_zero_one_and_many_sources(backend, dtype):
+    # Output rows with no source (zero, size 0) between rows with one and with many sources,
+    # over three programs of 32 rows; non-integer sizes; unmapped rows hold NaN.
+    n, d = 75, 20
+    g = torch.Generator().manual_seed(32)
+    row_map = torch.full((n,), -1, dtype=torch.int32)
+    row_map[0:20] = 2  # many
+    row_map[20] = 5  # one
+    row_map[21:24] = 0  # a few
+    row_map[24:60:2] = torch.arange(33, 69, 2, dtype=torch.int32)  # one each, every other row
+    row_map[25:61:2] = 70  # many, in the third program, interleaved in index order
+    row_map = row_map[None].repeat(2, 1)
+    row_map[1] = row_map[1].flip(0)  # sources out of index order
+    x = torch.randn(2, n, d, generator=g)
+    x = torch.where(row_map[..., None] >= 0, x, float("nan")).to(dtype)
+    size = torch.rand(2, n, generator=g) * 3 + 0.25
+    new_len = torch.tensor([n, n], dtype=torch.int32)
+    x_ref, s_ref = dk.scatter_merge(x, size, row_map, new_len, backend="reference")
+    x_out, s_out = dk.scatter_merge(*_to(x, size, row_map, new_len), backend=backend)
+    x_out, s_out = x_out.cpu(), s_out.cpu()
+    assert not x_out.isnan().any() and not s_out.isnan().any()
+    assert torch.allclose(s_out, s_ref, rtol=1e-6, atol=0)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(x_out.float(), x_ref.float(), atol=tol, rtol=tol)
+    hits = torch.zeros(2, n + 1).scatter_add_(1, torch.where(row_map >= 0, row_map, n).long(), torch.ones(2, n))
+    hit = hits[:, :n] > 0
+    assert (x_out[~hit] == 0).all() and (s_out[~hit] == 0).all() and int((~hit).sum()) > 10
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_merge_is_bit_identical_run_to_run(backend):
+    bsz, n, c, d = 2, 45, 8, 24
+    x, metric, size, lengths = make_inputs(bsz, n, c, d, torch.float32, [45, 38], seed=33)
+    size = size * 0.37  # non-integer sizes: the order of the sums shows in the bits
+    a = dk.dtome_merge(*_to(x, metric, size, lengths), -math.inf, backend=backend)
+    b = dk.dtome_merge(*_to(x, metric, size, lengths), -math.inf, backend=backend)
+    for u, w in zip(a, b):
+        if u is not None:
+            assert torch.equal(u.view(torch.int32) if u.is_floating_point() else u,
+                               w.view(torch.int32) if w.is_floating_point() else w)
+    row_map = torch.randint(0, 3, (bsz, n), generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    u = dk.scatter_merge(*_to(x.nan_to_num(), size, row_map, lengths), backend=backend)
+    w = dk.scatter_merge(*_to(x.nan_to_num(), size, row_map, lengths), backend=backend)
+    assert torch.equal(u[0].view(torch.int32), w[0].view(torch.int32)) and torch.equal(u[1], w[1])
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("n", [1, 2, 3, 45, 71], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("protect_first", [False, True])
+def test_merge_odd_n_and_one_token(backend, n, protect_first):
+    # odd N (the cap rule), N = 1 (one token: nothing to merge) and N = 2, at -inf (everything
+    # that may merge does), with one image shorter than N.
+    x, metric, size, lengths = make_inputs(2, n, 8, 10, torch.float32, [n, max(n - 2, 1)], seed=34)
+    ref = dk.dtome_merge(x, metric, size, lengths, -math.inf, protect_first=protect_first, backend="reference")
+    res = dk.dtome_merge(*_to(x, metric, size, lengths), -math.inf, protect_first=protect_first, backend=backend)
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.lengths.cpu(), ref.lengths)
+    assert torch.equal(res.size.cpu(), ref.size)
+    assert torch.allclose(res.x.cpu(), ref.x, atol=1e-6, rtol=1e-5)
+    if n == 1:
+        assert res.lengths.tolist() == [1, 1] and torch.allclose(res.x.cpu()[:, 0], x[:, 0], atol=1e-6, rtol=1e-6)

@@ -277,3 +277,83 @@ def test_reference_on_meta_tensors():
     q = torch.randn(10, 2, 8, device="meta", dtype=torch.bfloat16)
     out = dk.proportional_attention_varlen(q, q, q, size, cu, backend="reference")
     assert out.shape == (10, 2, 8) and out.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ Triton reads the packed rows
+
+
+@pytest.mark.parametrize("backend", backend_params("dtome_merge_varlen")[2:])
+def test_triton_merge_varlen_allocates_no_padded_batch(backend):
+    """The Triton varlen merge works on the packed rows: no [B, max_seqlen, D] (or C) gather of
+    x or metric is ever allocated (the profiler records every allocation the step makes)."""
+    lens, width, c, d = [10, 2, 2], 10, 24, 16
+    x, metric, size = make_batch(lens, width, c, d, torch.float32, seed=7)
+    device = device_for(backend)
+    xp, mp, sp = (pack(t, lens).to(device) for t in (x, metric, size))
+    cu = cu_of(lens).to(device)
+    num_rows = xp.shape[0]
+    padded_bytes = min(len(lens) * width * d, len(lens) * width * c) * 4
+    assert num_rows * d * 4 < padded_bytes  # x_out ([T, D]) is smaller than any padded gather
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        res = dk.dtome_merge_varlen(xp, mp, sp, cu, 0.1, max_seqlen=width, backend=backend)
+    sizes = [max(e.self_cpu_memory_usage, getattr(e, "self_device_memory_usage", 0) or 0) for e in prof.events()]
+    assert max(sizes) >= num_rows * d * 4, "the profiler should have seen x_out"
+    assert max(sizes) < padded_bytes, sorted(sizes)[-5:]
+    ref = dk.dtome_merge_varlen(xp.cpu(), mp.cpu(), sp.cpu(), cu.cpu(), 0.1, max_seqlen=width, backend="reference")
+    assert torch.equal(res.row_map.cpu(), ref.row_map) and torch.equal(res.cu_seqlens.cpu(), ref.cu_seqlens)
+    torch.testing.assert_close(res.x.cpu(), ref.x, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("dtome_merge_varlen")[2:])
+@pytest.mark.parametrize("bound", [None, "longest"])
+def test_triton_merge_varlen_flat_images_runs_across_chunks(backend, bound):
+    """Flat images (every source into one destination): long runs of sources cross the merge
+    kernel's chunks, and images start mid-chunk in the packed scratch. Packed = padded."""
+    lens, c, d = [41, 3, 36], 8, 20
+    n = max(lens)
+    g = torch.Generator().manual_seed(13)
+    metric = torch.randn(len(lens), 1, c, generator=g).expand(len(lens), n, c).contiguous()
+    x = torch.randn(len(lens), n, d, generator=g)
+    size = torch.randint(1, 4, (len(lens), n), generator=g).float()
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    ref = dk.dtome_merge(x, metric, size, lengths, 0.5, protect_first=True, backend="reference")
+    assert int((ref.row_map[0, 2:41:2] == ref.row_map[0, 1]).sum()) == 20  # one run of 21 sources
+    device = device_for(backend)
+    cu = cu_of(lens)
+    res = dk.dtome_merge_varlen(*[pack(t, lens).to(device) for t in (x, metric, size)], cu.to(device), 0.5,
+                                protect_first=True, max_seqlen=n if bound else None, backend=backend)
+    new_cu = res.cu_seqlens.cpu()
+    assert (new_cu[1:] - new_cu[:-1]).tolist() == ref.lengths.tolist()
+    for b, t in enumerate(lens):
+        lo, hi = int(new_cu[b]), int(new_cu[b + 1])
+        torch.testing.assert_close(res.x.cpu()[lo:hi], ref.x[b, :hi - lo], atol=1e-6, rtol=1e-5)
+        assert torch.equal(res.size.cpu()[lo:hi], ref.size[b, :hi - lo])
+        assert torch.equal(res.row_map.cpu()[int(cu[b]):int(cu[b]) + t] - lo, ref.row_map[b, :t])
+    assert (res.x.cpu()[int(new_cu[-1]):] == 0).all() and (res.size.cpu()[int(new_cu[-1]):] == 0).all()
+
+
+@pytest.mark.parametrize("backend", backend_params("dtome_merge_varlen")[2:])
+def test_triton_merge_varlen_unvalidated_offsets_stay_in_bounds(backend):
+    """Offsets past T or decreasing (unvalidated GPU inputs) act as clamped into [0, T] and made
+    non-decreasing: the kernels read and write only the T rows; no batch at all (B = 0) works."""
+    from dymu_kernels.varlen import triton as vt
+
+    lens, c, d = [5, 4], 4, 6
+    x, metric, size = make_batch(lens, 5, c, d, torch.float32, seed=2)
+    device = device_for(backend)
+    xp, mp, sp = (pack(t, lens, 0).to(device) for t in (x, metric, size))
+    wild = torch.tensor([0, 7, 3, 40], dtype=torch.int32, device=device)  # T = 9
+    tau = torch.full((3,), 0.2, device=device)
+    res = vt.dtome_merge_varlen(xp, mp, sp, wild, tau, None, False, 0)
+    clamped = torch.tensor([0, 7, 7, 9], dtype=torch.int32)
+    want = dk.dtome_merge_varlen(xp.cpu(), mp.cpu(), sp.cpu(), clamped, 0.2, backend="reference")
+    assert torch.equal(res.cu_seqlens.cpu(), want.cu_seqlens) and torch.equal(res.row_map.cpu(), want.row_map)
+    torch.testing.assert_close(res.x.cpu(), want.x, atol=1e-6, rtol=1e-5)
+    empty = vt.dtome_merge_varlen(xp, mp, sp, torch.zeros(1, dtype=torch.int32, device=device),
+                                  torch.zeros(0, device=device), torch.arange(9, device=device, dtype=torch.int32),
+                                  False, 0)
+    assert empty.cu_seqlens.tolist() == [0] and (empty.x == 0).all() and (empty.size == 0).all()
+    assert (empty.row_map == -1).all() and (empty.pos_map == -1).all()

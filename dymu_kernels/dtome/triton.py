@@ -16,6 +16,9 @@ sync; not a Triton kernel; a NaN score counts as -inf there). No op
 synchronises with the host; no atomics at all, so every output is bit-identical run to run.
 Unvalidated lengths outside [0, N] act as clamped to [0, N].
 
+The same kernels have a PACKED mode (the packed layout of ``dk.dtome_merge_varlen``, launched by
+``dymu_kernels.varlen.triton``); ``kernel_specs(packed=True)`` lists its compile specs.
+
 Limitations: metric dim C <= 128 (padded to a power of two >= 16 inside); see the notes at the
 top of ``triton_kernels.py`` for the cost model of the merge kernel.
 """
@@ -80,20 +83,21 @@ def _group_config(n: int) -> dict:
     return dict(BLOCK_I=block, BLOCK_J=block, num_warps=4)
 
 
-def _merge_config(n: int, d: int) -> dict:
-    """BLOCK_R output rows x BLOCK_S sources x BLOCK_D features per step (2048 fp32 lanes).
+def _merge_config(n: int, d: int, interpreter: bool = False) -> dict:
+    """BLOCK_R output rows per program, walked CHUNK positions x BLOCK_D features per step.
 
-    BLOCK_D is the power of two in 32..256 that pads D least (ties -> the larger block), so
-    SigLIP's D = 1152 takes 9 blocks of 128 with no masked lane; the grid covers D.
+    BLOCK_D is 64 or 32, whichever pads D less (ties -> 64), capped at D's power of two; the grid
+    covers D. CHUNK = 64 positions of ``order`` per step whatever the rows' source counts; a
+    program owning BLOCK_R = 32 rows of a typical step (about half the rows merge) finishes in
+    one or two steps, and one owning a row with hundreds of sources (a flat image) in a few more.
+    8 warps: at 4 the [64, 64] scan spills 8 B of stack on sm_80. Under the interpreter (whose
+    scan is an element-by-element Python loop) CHUNK = 16, which also puts chunk boundaries
+    inside the tests' small rows.
     """
     d = max(d, 1)
-    block_d = min((256, 128, 64, 32), key=lambda blk: (triton.cdiv(d, blk) * blk - d, -blk))
+    block_d = min((64, 32), key=lambda blk: (triton.cdiv(d, blk) * blk - d, -blk))
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
-    # Most DToMe output rows have one or two sources (itself, plus a merged source or two), so
-    # BLOCK_S = 2 wastes few lanes; busier rows take more steps.
-    block_s = 2
-    block_r = max(1, 2048 // (block_s * block_d))
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, BLOCK_P=16, num_warps=4)
+    return dict(BLOCK_R=32, CHUNK=16 if interpreter else 64, BLOCK_D=block_d, BLOCK_P=16, num_warps=8)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -125,7 +129,7 @@ def _launch_similarity(metric, lengths, protect_first):
     with _device_guard(metric.device):
         similarity_kernel[grid](
             metric, lengths.contiguous(), part_max, part_idx, n, c, *metric.stride(), dst_per_split,
-            PROTECT_FIRST=protect_first, **cfg,
+            PROTECT_FIRST=protect_first, PACKED=False, **cfg,
         )
         if splits > 1:
             total = bsz * num_src
@@ -144,7 +148,8 @@ def _launch_select(node_max, node_idx, lengths, threshold, num_rows, protect_fir
     with _device_guard(node_max.device):
         select_kernel[(bsz,)](
             node_max.contiguous(), node_idx.contiguous(), lengths.contiguous(), threshold.contiguous(),
-            row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, **_select_config(num_rows),
+            row_map, new_lengths, num_rows, PROTECT_FIRST=protect_first, PACKED=False,
+            **_select_config(num_rows),
         )
     return row_map, new_lengths
 
@@ -162,17 +167,20 @@ def _launch_merge(x, size, row_map, pos_map):
         return x_out, size_out, pos_out
     row_map = row_map.contiguous()
     order = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
+    key = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     start = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     count = torch.empty((bsz, n), dtype=torch.int32, device=x.device)
     gcfg = _group_config(n)
-    cfg = _merge_config(n, d)
+    cfg = _merge_config(n, d, triton_interpreting())
     grid = (triton.cdiv(n, cfg["BLOCK_R"]), bsz, max(1, triton.cdiv(d, cfg["BLOCK_D"])))
     pos_in = pos_map.contiguous() if has_pos else row_map  # a dummy pointer when absent
     with _device_guard(x.device):
-        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](row_map, order, start, count, n, **gcfg)
+        group_rows_kernel[(triton.cdiv(n, gcfg["BLOCK_I"]), bsz)](
+            row_map, order, key, start, count, row_map, row_map, row_map, n, 0, PACKED=False, **gcfg
+        )  # (cu / new_cu / packed map: unused dummies)
         merge_kernel[grid](
-            x, size.contiguous(), order, start, count, row_map, x_out, size_out, pos_in, pos_out,
-            n, d, n0, *x.stride(), HAS_POS_MAP=has_pos,
+            x, size.contiguous(), order, key, start, count, row_map, x_out, size_out, pos_in, pos_out,
+            row_map, row_map, n, d, n0, 0, *x.stride(), HAS_POS_MAP=has_pos, PACKED=False,
             BF16_BY_BITS=x.dtype == torch.bfloat16 and triton_interpreting(), **cfg,
         )
     return x_out, size_out, pos_out
@@ -349,8 +357,13 @@ def _pointers(signature):
     return [k for k, v in signature.items() if v.startswith("*")]
 
 
-def _specs():
+def kernel_specs(packed: bool = False):
+    """COMPILE_SPECS of the five kernels; ``packed``: their PACKED variants, the ones the Triton
+    ``dtome_merge_varlen`` launches (``dymu_kernels.varlen.triton``), named ``varlen.dtome_*``.
+    Packed shapes: image rows bounded by W = N of the model, x / metric [T, D] / [T, C] (batch
+    stride 0, row stride D / C)."""
     specs = []
+    prefix = "varlen.dtome_" if packed else "dtome."
     for dtype in _DTYPES:
         sig = {"metric_ptr": f"*{dtype}", "lengths_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
                "N": "i32", "C": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_mc": "i32",
@@ -359,36 +372,42 @@ def _specs():
             aligned = c % 16 == 0
             specialize = {"divisible_by_16": _pointers(sig) + (["C", "stride_mb", "stride_mn"] if aligned else []),
                           "equal_to_1": ["stride_mc"]}
-            specs.append(_spec(f"dtome.similarity[{shape} {dtype}, runtime]", similarity_kernel, sig,
+            if packed and not aligned:
+                specialize["divisible_by_16"].append("stride_mb")  # 0 in the packed launch
+            specs.append(_spec(f"{prefix}similarity[{shape} {dtype}, runtime]", similarity_kernel, sig,
                                _similarity_config(n, c, dtype=_TORCH[dtype]), specialize, vectorized_loads=aligned,
-                               PROTECT_FIRST=protect))
-        specs.append(_spec(f"dtome.similarity[{dtype}, any strides]", similarity_kernel, sig,
-                           _similarity_config(577, 64, dtype=_TORCH[dtype]), PROTECT_FIRST=False))
-    sig = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
-           "total": "i32", "num_splits": "i32"}
-    specs.append(_spec("dtome.similarity_combine", similarity_combine_kernel, sig, dict(BLOCK=1024, num_warps=4),
-                       {"divisible_by_16": _pointers(sig)}))
+                               PROTECT_FIRST=protect, PACKED=packed))
+        specs.append(_spec(f"{prefix}similarity[{dtype}, any strides]", similarity_kernel, sig,
+                           _similarity_config(577, 64, dtype=_TORCH[dtype]), PROTECT_FIRST=False, PACKED=packed))
+    if not packed:  # the combine kernel has no packed variant (its scratch is [S, B, ceil(W/2)] either way)
+        sig = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
+               "total": "i32", "num_splits": "i32"}
+        specs.append(_spec("dtome.similarity_combine", similarity_combine_kernel, sig, dict(BLOCK=1024, num_warps=4),
+                           {"divisible_by_16": _pointers(sig)}))
     sig = {"node_max_ptr": "*fp32", "node_idx_ptr": "*i32", "lengths_ptr": "*i32", "tau_ptr": "*fp32",
            "row_map_ptr": "*i32", "new_lengths_ptr": "*i32", "N": "i32"}
     for shape, (n, _, _, protect) in _SHAPES.items():
-        specs.append(_spec(f"dtome.select[{shape}]", select_kernel, sig, _select_config(n),
-                           {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect))
-    sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "N": "i32"}
-    specs.append(_spec("dtome.group_rows", group_rows_kernel, sig, _group_config(577), {"divisible_by_16": _pointers(sig)}))
+        specs.append(_spec(f"{prefix}select[{shape}]", select_kernel, sig, _select_config(n),
+                           {"divisible_by_16": _pointers(sig)}, PROTECT_FIRST=protect, PACKED=packed))
+    sig = {"row_map_ptr": "*i32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32",
+           "cu_ptr": "*i32", "new_cu_ptr": "*i32", "packed_map_ptr": "*i32", "N": "i32", "T": "i32"}
+    for shape, (n, _, _, _) in _SHAPES.items():
+        specs.append(_spec(f"{prefix}group_rows[{shape}]", group_rows_kernel, sig, _group_config(n),
+                           {"divisible_by_16": _pointers(sig)}, PACKED=packed))
     for dtype in _DTYPES:
-        sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "start_ptr": "*i32",
+        sig = {"x_ptr": f"*{dtype}", "size_ptr": "*fp32", "order_ptr": "*i32", "key_ptr": "*i32", "start_ptr": "*i32",
                "count_ptr": "*i32", "row_map_ptr": "*i32", "x_out_ptr": f"*{dtype}", "size_out_ptr": "*fp32",
-               "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "N": "i32", "D": "i32", "N0": "i32",
-               "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
+               "pos_map_ptr": "*i32", "pos_out_ptr": "*i32", "cu_ptr": "*i32", "new_cu_ptr": "*i32",
+               "N": "i32", "D": "i32", "N0": "i32", "T": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_xd": "i32"}
         specialize = {"divisible_by_16": _pointers(sig) + ["D", "stride_xb", "stride_xn"], "equal_to_1": ["stride_xd"]}
         for shape, (n, _, d, _) in _SHAPES.items():
             for has_pos in (False, True):
-                specs.append(_spec(f"dtome.merge[{shape} {dtype}, pos_map={has_pos}, runtime]", merge_kernel, sig,
+                specs.append(_spec(f"{prefix}merge[{shape} {dtype}, pos_map={has_pos}, runtime]", merge_kernel, sig,
                                    _merge_config(n, d), specialize, vectorized_loads=True,
-                                   HAS_POS_MAP=has_pos, BF16_BY_BITS=False))
-        specs.append(_spec(f"dtome.merge[{dtype}, pos_map=True, any strides]", merge_kernel, sig,
-                           _merge_config(577, 1024), HAS_POS_MAP=True, BF16_BY_BITS=False))
+                                   HAS_POS_MAP=has_pos, PACKED=packed, BF16_BY_BITS=False))
+        specs.append(_spec(f"{prefix}merge[{dtype}, pos_map=True, any strides]", merge_kernel, sig,
+                           _merge_config(577, 1024), HAS_POS_MAP=True, PACKED=packed, BF16_BY_BITS=False))
     return specs
 
 
-COMPILE_SPECS = _specs()
+COMPILE_SPECS = kernel_specs()

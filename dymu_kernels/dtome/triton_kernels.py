@@ -15,15 +15,36 @@ Five kernels; a fused merge step is four launches (five when the similarity grid
   chunks of BLOCK, so any N works).
 - ``group_rows_kernel``: grid (cdiv(N, BLOCK_I), B). A counting sort of the rows by output row
   without atomics (rank = rows with a smaller key + equal keys before it): ``order`` lists every
-  output row's sources contiguously in index order, with ``start`` / ``count`` per output row.
-- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). Each output row gathers its
-  sources BLOCK_S at a time (a [BLOCK_R, BLOCK_S, BLOCK_D] tile of independent loads), sums
-  them in fp32 and writes the size-weighted mean (or zeros). The programs with pid(2) == 0 also
-  compose ``pos_map`` with ``row_map`` (the blocks of pos_map strided over the grid).
+  output row's sources contiguously in index order, ``key`` the output row at each position of
+  ``order``, with ``start`` / ``count`` per output row.
+- ``merge_kernel``: grid (cdiv(N, BLOCK_R), B, cdiv(D, BLOCK_D)). A program owns BLOCK_R
+  consecutive output rows, hence one contiguous range of ``order`` (from the start of its first
+  row to the end of its last), and walks it CHUNK positions at a time: a [CHUNK, BLOCK_D] gather
+  of source rows whatever the rows' counts, times their sizes, reduced per output row by a
+  segmented scan (``tl.associative_scan``; a run restarts where ``key`` changes). Rows whose run
+  ends in the chunk are written (size-weighted mean, size sum); the run still open at the chunk's
+  end is carried in registers into the next step. Owned rows with no source are written as zeros
+  (size 0). No row is shared between programs, so nothing is reduced across programs. The
+  programs with pid(2) == 0 also compose ``pos_map`` with ``row_map`` (the blocks of pos_map
+  strided over the grid).
 
-Rules every kernel keeps: integer sizes (N, N0, split sizes) are do_not_specialize, strides
+PACKED (a constexpr of the similarity, selection, grouping and merge kernels): the layout of
+``dk.dtome_merge_varlen`` (``dymu_kernels.varlen.triton`` launches it), read and written in place
+with no padded [B, W, ...] copy. N is then a bound W on every image's length (it sizes the grids
+and the [B, ceil(W/2)] edge scratch); image b's rows are the packed rows cu[b] .. cu[b+1]
+(``cu_seqlens``, loaded on the device), its t = cu[b+1] - cu[b] (<= W) rows are the only ones
+read, and its image-local scratch (the selection's local new rows, ``order`` / ``key`` /
+``start`` / ``count``) lives at packed rows cu[b] .. cu[b] + t of [T] buffers. Output row r of
+image b is packed row new_cu[b] + r, new_cu being the exclusive cumsum of the new lengths
+(computed on the device between the selection and the grouping). The grouping and merge grids
+get one extra program row, b = B: it writes -1 into the packed row_map past the input total,
+zeroes x / size past the new total (outputs keep capacity T), and composes pos_map (any shape,
+packed rows) with the packed row_map. Semantics per image are exactly the padded ones.
+
+Rules every kernel keeps: integer sizes (N, N0, T, split sizes) are do_not_specialize, strides
 are not (so the runtime's divisibility-by-16 and == 1 specialisation gives vectorised gathers);
-lengths are clamped to [0, N] (unvalidated GPU inputs never read past the rows); a NaN score
+lengths are clamped to [0, N] (unvalidated GPU inputs never read past the rows; PACKED, the
+launcher clamps cu_seqlens into [0, T] and makes it non-decreasing on the device); a NaN score
 never forms an edge (a source whose scores are all NaN / -inf gets -inf and -1); no atomics,
 so every output is bit-identical run to run.
 
@@ -32,12 +53,19 @@ Limitations (honest notes):
   sm_80 / sm_90 (no spills, vectorised gathers: ``python -m dymu_kernels.compile_check``); not
   yet run or timed on a GPU. On a GPU the merge accumulation may be contracted into FMAs, so x
   can differ from the reference in the last bits (index outputs are exact; sizes are exact for
-  integer counts, and agree to rounding otherwise, since a row's sources are summed BLOCK_S at
-  a time in a fixed tree rather than one by one).
+  integer counts, and agree to rounding otherwise: a row's sources are summed in the scan's fixed
+  tree within a chunk and in position order across chunks, not one by one). The chunking is
+  fixed by the launch configuration, so results are bit-identical run to run.
 - The grouping kernel compares every row with every row of its image: O(N^2) integer compares
-  in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000).
-- An output row with very many sources (every source of a flat image into one destination)
-  takes cdiv(count, BLOCK_S) steps; its neighbours in the block wait for it.
+  in registers, small next to the O(N*D) feature traffic for ViT sizes (N <= ~1000); PACKED, the
+  image's t rows only.
+- PACKED grids are sized by the bound W (``max_seqlen``, else T): without a bound every image
+  gets cdiv(T, block) programs per kernel, most of which own no rows and do (almost) no work.
+- Work per merge program is the number of positions it owns, in CHUNK steps: a flat image whose
+  every source goes to one destination (~289 positions at N = 577) costs its owner
+  cdiv(positions, CHUNK) steps (5 at CHUNK = 64) while the other programs take one; rows are
+  assigned to programs by count of rows, not of sources. Lanes past the owned range in the last
+  chunk are masked.
 - Scores use IEEE fp32 dots (no TF32), so the similarity kernel runs on the FMA units, not the
   tensor cores; at C <= 128 this is a small part of a step. Source chunks are re-read (from
   L1/L2) for every destination tile, since a runtime loop over C cannot keep them in registers.
@@ -52,8 +80,8 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["N", "dst_per_split"])
 def similarity_kernel(
-    metric_ptr,  # [B, N, C] fp16/bf16/fp32, any strides
-    lengths_ptr,  # [B] int32 (clamped to [0, N] here)
+    metric_ptr,  # [B, N, C] fp16/bf16/fp32, any strides (PACKED: [T, C] packed rows)
+    lengths_ptr,  # [B] int32 (clamped to [0, N] here); PACKED: cu_seqlens [B + 1], N = the bound W
     node_max_ptr,  # [S, B, NA] fp32 out (S = number of destination splits; S = 1: the output)
     node_idx_ptr,  # [S, B, NA] int32 out
     N,
@@ -63,6 +91,7 @@ def similarity_kernel(
     stride_mc,
     dst_per_split,  # destinations per split, a multiple of BLOCK_B
     PROTECT_FIRST: tl.constexpr,
+    PACKED: tl.constexpr,  # image b = packed rows cu[b] .. cu[b+1] (stride_mb unused)
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -73,8 +102,13 @@ def similarity_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
     num_src = (N + 1) // 2
-    t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N never read past N
-    base = metric_ptr + b.to(tl.int64) * stride_mb
+    if PACKED:
+        first_row = tl.load(lengths_ptr + b)
+        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - first_row, 0), N)
+        base = metric_ptr + first_row.to(tl.int64) * stride_mn
+    else:
+        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N never read past N
+        base = metric_ptr + b.to(tl.int64) * stride_mb
     kc = tl.arange(0, BLOCK_K)
 
     src = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)  # source i is row 2i
@@ -95,6 +129,7 @@ def similarity_kernel(
     num_dst = t // 2  # valid odd rows: 1, 3, ..., < t
     lo = split * dst_per_split
     hi = tl.minimum(lo + dst_per_split, num_dst)
+    hi = tl.where(2 * pid_a * BLOCK_A < t, hi, lo)  # a tile past the image's rows: no scores to find
     for start in range(lo, hi, BLOCK_B):
         dst = start + tl.arange(0, BLOCK_B)  # destination j is row 2j + 1
         dst_ok = dst < hi
@@ -157,22 +192,30 @@ def similarity_combine_kernel(
 def select_kernel(
     node_max_ptr,  # [B, NA] fp32, contiguous
     node_idx_ptr,  # [B, NA] int32, contiguous
-    lengths_ptr,  # [B] int32
+    lengths_ptr,  # [B] int32; PACKED: cu_seqlens [B + 1] (N = the bound W)
     tau_ptr,  # [B] fp32
-    row_map_ptr,  # [B, N] int32 out
+    row_map_ptr,  # [B, N] int32 out; PACKED: [T], image b's local new rows at cu[b] .. cu[b+1]
     new_lengths_ptr,  # [B] int32 out
     N,
     PROTECT_FIRST: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     num_src = (N + 1) // 2
     num_dst = N // 2
-    t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N act as N
+    if PACKED:  # only the image's own rows are written: the next image's follow at once
+        lo = tl.load(lengths_ptr + b)
+        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - lo, 0), N)
+        rm_base = row_map_ptr + lo.to(tl.int64)
+        rows_end = t
+    else:
+        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N act as N
+        rm_base = row_map_ptr + b.to(tl.int64) * N
+        rows_end = N  # padding rows get -1
     tau = tl.load(tau_ptr + b)
     nm_base = node_max_ptr + b.to(tl.int64) * num_src
     idx_base = node_idx_ptr + b.to(tl.int64) * num_src
-    rm_base = row_map_ptr + b.to(tl.int64) * N
     lanes = tl.arange(0, BLOCK)
 
     # Pass 1: how many pass the strict test, how many valid sources fail it, and the passing
@@ -218,10 +261,10 @@ def select_kernel(
         dst_col = tl.minimum((tl.maximum(idx, 1) - 1) // 2, num_dst - 1)
         dst_of_src = tl.where((dst_col >= 0) & (2 * dst_col + 1 < t), num_unmerged + dst_col, -1)
         new_row = tl.where(merged, dst_of_src, tl.where(unmerged, src_new, -1))
-        tl.store(rm_base + 2 * src, new_row, mask=in_range)
+        tl.store(rm_base + 2 * src, new_row, mask=in_range & (2 * src < rows_end))
         dst = src  # destination j is row 2j + 1
         dst_new = tl.where(2 * dst + 1 < t, num_unmerged + dst, -1)
-        tl.store(rm_base + 2 * dst + 1, dst_new, mask=dst < num_dst)
+        tl.store(rm_base + 2 * dst + 1, dst_new, mask=(dst < num_dst) & (2 * dst + 1 < rows_end))
 
 
 @triton.jit
@@ -232,112 +275,218 @@ def round_to_bf16(v):
     return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "T"])
 def group_rows_kernel(
     row_map_ptr,  # [B, N] int32, contiguous: output row of every input row (< 0 or >= N: none)
     order_ptr,  # [B, N] int32 out: input rows sorted by output row, stable (unmapped rows last)
+    key_ptr,  # [B, N] int32 out: the output row of order's entry at each position (N: unmapped)
     start_ptr,  # [B, N] int32 out: first position in order of output row r's sources
     count_ptr,  # [B, N] int32 out: number of sources of output row r
+    cu_ptr,  # PACKED: [B + 1] int32 cu_seqlens of the input
+    new_cu_ptr,  # PACKED: [B + 1] int32 cu_seqlens of the output
+    packed_map_ptr,  # PACKED: [T] int32 out, the packed row_map (new packed row of every row)
     N,
+    T,  # PACKED: packed rows (capacity)
+    PACKED: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     # A counting sort without atomics: rank(i) = #{j : key_j < key_i} + #{j < i : key_j = key_i},
     # counted against every row in chunks of BLOCK_J; O(N^2) compares per image, all in registers.
+    # PACKED (grid axis 1 = B + 1): image b's rows, keys (its local new rows, N = the bound W) and
+    # scratch live at packed rows cu[b] .. cu[b+1]; only its t rows are sorted (O(t^2)). Program
+    # row B writes -1 into the packed row_map past the input total.
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    base = b.to(tl.int64) * N
+    if PACKED:
+        if b == tl.num_programs(1) - 1:
+            for r0 in range(tl.load(cu_ptr + b) + pid * BLOCK_I, T, tl.num_programs(0) * BLOCK_I):
+                r = r0 + tl.arange(0, BLOCK_I)
+                tl.store(packed_map_ptr + r, tl.full([BLOCK_I], -1, tl.int32), mask=r < T)
+            return
+        lo = tl.load(cu_ptr + b)
+        base = lo.to(tl.int64)
+        limit = tl.minimum(tl.load(cu_ptr + b + 1) - lo, N)
+    else:
+        base = b.to(tl.int64) * N
+        limit = N
     i = pid * BLOCK_I + tl.arange(0, BLOCK_I)  # input rows, and output rows for start / count
-    i_ok = i < N
+    i_ok = i < limit
     key_i = tl.load(row_map_ptr + base + i, mask=i_ok, other=-1)
     key_i = tl.where((key_i >= 0) & (key_i < N), key_i, N)
     rank = tl.zeros([BLOCK_I], tl.int32)
     below = tl.zeros([BLOCK_I], tl.int32)
     same = tl.zeros([BLOCK_I], tl.int32)
-    for j0 in range(0, N, BLOCK_J):
+    for j0 in range(0, limit, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        key_j = tl.load(row_map_ptr + base + j, mask=j < N, other=-1)
+        key_j = tl.load(row_map_ptr + base + j, mask=j < limit, other=-1)
         key_j = tl.where((key_j >= 0) & (key_j < N), key_j, N)
-        key_j = tl.where(j < N, key_j, N + 1)  # past the row: after everything, counted nowhere
+        key_j = tl.where(j < limit, key_j, N + 1)  # past the rows: after everything, counted nowhere
         before = (key_j[None, :] < key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum(before.to(tl.int32), axis=1)
         below += tl.sum((key_j[None, :] < i[:, None]).to(tl.int32), axis=1)
         same += tl.sum((key_j[None, :] == i[:, None]).to(tl.int32), axis=1)
     tl.store(order_ptr + base + rank, i, mask=i_ok)  # a permutation: no two rows share a rank
+    tl.store(key_ptr + base + rank, key_i, mask=i_ok)
     tl.store(start_ptr + base + i, below, mask=i_ok)
     tl.store(count_ptr + base + i, same, mask=i_ok)
+    if PACKED:
+        new_lo = tl.load(new_cu_ptr + b)
+        tl.store(packed_map_ptr + base + i, tl.where(key_i < N, new_lo + key_i, -1), mask=i_ok)
 
 
-@triton.jit(do_not_specialize=["N", "N0"])
+@triton.jit
+def _segmented_add(head_a, sum_a, head_b, sum_b):
+    """Combine of a segmented inclusive sum: a run restarts where head is set."""
+    return head_a | head_b, tl.where(head_b != 0, sum_b, sum_a + sum_b)
+
+
+@triton.jit(do_not_specialize=["N", "N0", "T"])
 def merge_kernel(
-    x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides
-    size_ptr,  # [B, N] fp32, contiguous
-    order_ptr,  # [B, N] int32: rows grouped by output row (group_rows_kernel)
-    start_ptr,  # [B, N] int32: first source of output row r in order
+    x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides (PACKED: [T, D])
+    size_ptr,  # [B, N] fp32, contiguous (PACKED: [T])
+    order_ptr,  # [B, N] int32: input rows grouped by output row (group_rows_kernel)
+    key_ptr,  # [B, N] int32: output row of each position of order
+    start_ptr,  # [B, N] int32: first position in order of output row r's sources
     count_ptr,  # [B, N] int32: number of sources of output row r
-    row_map_ptr,  # [B, N] int32, contiguous (read for pos_map only)
-    x_out_ptr,  # [B, N, D] x.dtype out, contiguous
-    size_out_ptr,  # [B, N] fp32 out
-    pos_map_ptr,  # [B, N0] int32 (HAS_POS_MAP), contiguous
+    row_map_ptr,  # [B, N] int32, contiguous (read for pos_map only; PACKED: the packed [T] map)
+    x_out_ptr,  # [B, N, D] x.dtype out, contiguous (PACKED: [T, D])
+    size_out_ptr,  # [B, N] fp32 out (PACKED: [T])
+    pos_map_ptr,  # [B, N0] int32 (HAS_POS_MAP), contiguous (PACKED: [N0] packed rows)
     pos_out_ptr,  # [B, N0] int32 out (HAS_POS_MAP)
+    cu_ptr,  # PACKED: [B + 1] int32 cu_seqlens of the input
+    new_cu_ptr,  # PACKED: [B + 1] int32 cu_seqlens of the output
     N,
     D,
     N0,
+    T,  # PACKED: packed rows (capacity)
     stride_xb,
     stride_xn,
     stride_xd,
     HAS_POS_MAP: tl.constexpr,
+    PACKED: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,  # round bf16 outputs by hand (interpreter only)
-    BLOCK_R: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # output rows owned by one program
+    CHUNK: tl.constexpr,  # positions of order gathered per step
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    # A program owns the output rows [r0, r0 + BLOCK_R) and so the positions [start[r0], end of
+    # its last row) of order: their sources, sorted by output row. It walks them CHUNK at a time
+    # (a [CHUNK, BLOCK_D] gather whatever the rows' counts), reduces the products size * x per
+    # output row with a segmented scan, writes every row whose run ends in the chunk and
+    # carries the run that continues past the chunk into the next step. Fixed chunking and a
+    # fixed scan tree: bit-identical run to run; no other program touches these rows.
+    # PACKED (grid axis 1 = B + 1): image b reads its rows and scratch at cu[b] + local row and
+    # writes its t_new output rows at new_cu[b] + local row; program row B zeroes the rows past
+    # the new total and composes pos_map with the packed row_map.
     pid_r = tl.program_id(0)
     b = tl.program_id(1)
     pid_d = tl.program_id(2)
-    row_base = b.to(tl.int64) * N
-    x_base = x_ptr + b.to(tl.int64) * stride_xb
-    out_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's output rows
-    r_ok = out_rows < N
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    first = tl.load(start_ptr + row_base + out_rows, mask=r_ok, other=0)
-    count = tl.load(count_ptr + row_base + out_rows, mask=r_ok, other=0)
-    ks = tl.arange(0, BLOCK_S)
+    r0 = pid_r * BLOCK_R
+    if PACKED:
+        # No early exit (an early return put registers on the stack): the tail row B owns no
+        # rows (limit 0) and does its own work at the end.
+        image = b < tl.num_programs(1) - 1
+        in_base = tl.load(cu_ptr + b).to(tl.int64)
+        out_base = tl.load(new_cu_ptr + b).to(tl.int64)
+        new_len = tl.load(new_cu_ptr + b + 1, mask=image, other=0) - out_base
+        limit = tl.where(image, tl.minimum(new_len, N), 0)
+        x_base = x_ptr + in_base * stride_xn
+    else:
+        in_base = b.to(tl.int64) * N
+        out_base = in_base
+        limit = N
+        x_base = x_ptr + b.to(tl.int64) * stride_xb
+    out_rows = r0 + tl.arange(0, BLOCK_R)
+    r_ok = out_rows < limit
 
-    # Every output row gathers BLOCK_S of its sources per step (a [BLOCK_R, BLOCK_S, BLOCK_D]
-    # tile), in index order, summed in a fixed tree: bit-identical run to run.
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    total = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, tl.max(count, axis=0), BLOCK_S):
-        k = k0 + ks
-        has = k[None, :] < count[:, None]  # [BLOCK_R, BLOCK_S]
-        i = tl.load(order_ptr + row_base + first[:, None] + k[None, :], mask=has, other=0)
-        s = tl.load(size_ptr + row_base + i, mask=has, other=0.0)
+    # Owned rows with no source: zeros (size 0).
+    count = tl.load(count_ptr + in_base + out_rows, mask=r_ok, other=1)
+    empty = r_ok & (count == 0)
+    zero_ptrs = x_out_ptr + (out_base + out_rows)[:, None] * D + offs_d[None, :]
+    tl.store(zero_ptrs, tl.zeros([BLOCK_R, BLOCK_D], tl.float32).to(x_out_ptr.dtype.element_ty),
+             mask=empty[:, None] & d_ok[None, :])
+
+    owns = r0 < limit  # PACKED: programs past the image's new length own nothing
+    last = tl.minimum(r0 + BLOCK_R, limit) - 1
+    p_lo = tl.load(start_ptr + in_base + r0, mask=owns, other=0)
+    p_hi = tl.load(start_ptr + in_base + last, mask=owns, other=0) + tl.load(count_ptr + in_base + last, mask=owns, other=0)
+    lanes = tl.arange(0, CHUNK)
+    carry = tl.zeros([BLOCK_D], tl.float32)  # the run still open at the end of the last chunk
+    carry_size = tl.sum(tl.zeros([CHUNK], tl.float32), axis=0)
+    carry_key = tl.sum(tl.zeros([CHUNK], tl.int32), axis=0) - 1
+    for p0 in range(p_lo, p_hi, CHUNK):
+        p = p0 + lanes
+        ok = p < p_hi
+        i = tl.load(order_ptr + in_base + p, mask=ok, other=0)
+        key = tl.load(key_ptr + in_base + p, mask=ok, other=-1)
+        key_prev = tl.load(key_ptr + in_base + p - 1, mask=ok & (lanes > 0), other=-1)
+        key_next = tl.load(key_ptr + in_base + p + 1, mask=p + 1 < p_hi, other=-1)
+        s = tl.load(size_ptr + in_base + i, mask=ok, other=0.0)
         xi = tl.load(
-            x_base + i[:, :, None].to(tl.int64) * stride_xn + offs_d[None, None, :] * stride_xd,
-            mask=has[:, :, None] & d_ok[None, None, :],
+            x_base + i[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+            mask=ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(xi.to(tl.float32) * s[:, :, None], axis=1)
-        total += tl.sum(s, axis=1)
+        v = xi.to(tl.float32) * s[:, None]
+        # The run open at the previous chunk's end continues into lane 0 (carry first: sums run
+        # in position order across chunk boundaries).
+        joins = (lanes == 0) & (key == carry_key)
+        v = tl.where(joins[:, None], carry[None, :] + v, v)
+        s = tl.where(joins, carry_size + s, s)
+        head = ((lanes == 0) | (key != key_prev)).to(tl.int32)
+        _, acc = tl.associative_scan((tl.broadcast_to(head[:, None], [CHUNK, BLOCK_D]), v), 0, _segmented_add)
+        _, total = tl.associative_scan((head, s), 0, _segmented_add)
+        # A row is complete at the last position of its run.
+        done = ok & (key != key_next)
+        mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
+        out_ptrs = x_out_ptr + (out_base + key)[:, None] * D + offs_d[None, :]
+        if BF16_BY_BITS:
+            tl.store(out_ptrs, round_to_bf16(mean), mask=done[:, None] & d_ok[None, :])
+        else:
+            tl.store(out_ptrs, mean.to(x_out_ptr.dtype.element_ty), mask=done[:, None] & d_ok[None, :])
+        if pid_d == 0:
+            tl.store(size_out_ptr + out_base + key, total, mask=done)
+        at_end = lanes == CHUNK - 1
+        carry = tl.sum(tl.where(at_end[:, None], acc, 0.0), axis=0)
+        carry_size = tl.sum(tl.where(at_end, total, 0.0), axis=0)
+        carry_key = tl.sum(tl.where(at_end, key, 0), axis=0)
 
-    mean = tl.where(total[:, None] > 0, tl.div_rn(acc, tl.maximum(total, 1e-30)[:, None]), 0.0)
-    out_ptrs = x_out_ptr + (row_base + out_rows)[:, None] * D + offs_d[None, :]
-    if BF16_BY_BITS:
-        tl.store(out_ptrs, round_to_bf16(mean), mask=r_ok[:, None] & d_ok[None, :])
-    else:
-        tl.store(out_ptrs, mean.to(x_out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
-        tl.store(size_out_ptr + row_base + out_rows, total, mask=r_ok)
+        tl.store(size_out_ptr + out_base + out_rows, tl.zeros([BLOCK_R], tl.float32), mask=empty)
+    if PACKED:
+        if b == tl.num_programs(1) - 1:
+            # Row B: zero the rows past the new total, compose pos_map with the packed row_map
+            # (complete: group_rows_kernel ran before).
+            rows = tl.arange(0, BLOCK_R)
+            for t0 in range(tl.load(new_cu_ptr + b) + r0, T, tl.num_programs(0) * BLOCK_R):
+                tail = t0 + rows
+                tail_ok = tail < T
+                tl.store(x_out_ptr + tail.to(tl.int64)[:, None] * D + offs_d[None, :],
+                         tl.zeros([BLOCK_R, BLOCK_D], tl.float32).to(x_out_ptr.dtype.element_ty),
+                         mask=tail_ok[:, None] & d_ok[None, :])
+                tl.store(size_out_ptr + tail, tl.zeros([BLOCK_R], tl.float32), mask=tail_ok & (pid_d == 0))
+            if HAS_POS_MAP:
+                offs_p = tl.arange(0, BLOCK_P)
+                for q0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
+                    q = q0 + offs_p
+                    q_ok = (q < N0) & (pid_d == 0)
+                    pos = tl.load(pos_map_ptr + q, mask=q_ok, other=-1)
+                    pos_ok = q_ok & (pos >= 0) & (pos < T)
+                    moved = tl.load(row_map_ptr + pos, mask=pos_ok, other=-1)
+                    tl.store(pos_out_ptr + q, tl.where(pos_ok, moved, -1), mask=q_ok)
+    else:
         if HAS_POS_MAP:
-            # pos_map'[b, p] = row_map[b, pos_map[b, p]]: the row programs share the blocks.
-            offs_p = tl.arange(0, BLOCK_P)
-            for p0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
-                p = p0 + offs_p
-                p_ok = p < N0
-                pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + p, mask=p_ok, other=-1)
-                pos_ok = p_ok & (pos >= 0) & (pos < N)
-                moved = tl.load(row_map_ptr + row_base + pos, mask=pos_ok, other=-1)
-                tl.store(pos_out_ptr + b.to(tl.int64) * N0 + p, tl.where(pos_ok, moved, -1), mask=p_ok)
+            if pid_d == 0:
+                # pos_map'[b, p] = row_map[b, pos_map[b, p]]: the row programs share the blocks.
+                offs_p = tl.arange(0, BLOCK_P)
+                for q0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
+                    q = q0 + offs_p
+                    q_ok = q < N0
+                    pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + q, mask=q_ok, other=-1)
+                    pos_ok = q_ok & (pos >= 0) & (pos < N)
+                    moved = tl.load(row_map_ptr + in_base + pos, mask=pos_ok, other=-1)
+                    tl.store(pos_out_ptr + b.to(tl.int64) * N0 + q, tl.where(pos_ok, moved, -1), mask=q_ok)

@@ -8,14 +8,19 @@ the packed total. No host sync: the grid is sized by a static bound on any image
 once. No per-length recompilation (lengths live on the device; the bound is do_not_specialize),
 no autotuning.
 
-``dtome_merge_varlen`` runs the padded Triton DToMe kernels (``dymu_kernels.dtome.triton``) on a
-[B, W] gather of the packed rows (W = ``max_seqlen`` when given, else T) and scatters the result
-back to the packed layout (``reference.merge_via_padded``: a few device gathers, no host sync).
-Honest note: the gather holds B * W rows for the step (the padding the packed layout avoids
-elsewhere), so pass ``max_seqlen``; a merge kernel that reads the packed rows directly is future
-work.
-Limitations: inference only; D even and <= 128; CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1 (tests).
+``dtome_merge_varlen`` runs the DToMe kernels of ``dymu_kernels.dtome.triton_kernels`` in their
+PACKED mode on the packed rows themselves: similarity (+ split combine), selection (image-local
+new rows into a [T] scratch), a device cumsum of the new lengths (the new cu_seqlens; no host
+sync, no .item()), grouping (which also writes the packed row_map) and merge (which also zeroes
+the rows past the new total and composes pos_map). Scratch is [T] int32 rows plus the
+[B, ceil(W/2)] best-edge scratch (W = ``max_seqlen`` when given, else T): no [B, W, D] or
+[B, W, C] gather of x or metric is allocated. ``max_seqlen`` only bounds the grids (every image
+gets cdiv(W, block) programs; without it cdiv(T, block), most of them idle). Unvalidated
+offsets act as clamped into [0, T] and non-decreasing (three tiny device ops); with an
+unvalidated ``max_seqlen`` below a real length, that image's rows past W are dropped (their
+row_map entries are unspecified), but nothing is read or written outside the T rows.
+Limitations: inference only; the attention's head dim D even and <= 128, the merge's metric dim
+C <= 128; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 
 import math
@@ -38,14 +43,77 @@ def _interpreting() -> bool:
 
 
 def dtome_merge_varlen(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, max_seqlen=0):
-    """Normalised arguments of ``reference.dtome_merge_varlen``; see the module docstring."""
-    from ..dtome import triton as padded
-    from .reference import merge_via_padded
+    """Normalised arguments of ``reference.dtome_merge_varlen``; see the module docstring.
 
-    num_rows = x.shape[0]
+    x [T, D] and metric [T, C] (any strides), size [T] float32, cu_seqlens [B + 1] int32,
+    threshold [B] float32, pos_map int32 of any shape (packed rows) or None; max_seqlen: a bound
+    W on every image's length (0: T). Returns DToMeVarlenResult.
+    """
+    from ..dtome import triton as padded
+    from ..dtome.triton_kernels import (
+        group_rows_kernel, merge_kernel, select_kernel, similarity_combine_kernel, similarity_kernel,
+    )
+    from .reference import DToMeVarlenResult
+
+    num_rows, dim = x.shape
+    batch = cu_seqlens.shape[0] - 1
     width = max_seqlen if 0 < max_seqlen <= num_rows else num_rows
-    return merge_via_padded(x, metric, size, cu_seqlens, threshold, pos_map, protect_first, width,
-                            padded_merge=padded.dtome_merge)  # fmt: skip
+    device = x.device
+    x_out = empty((num_rows, dim), x.dtype, device)
+    size_out = empty((num_rows,), torch.float32, device)
+    row_map = empty((num_rows,), torch.int32, device)
+    new_cu = empty((batch + 1,), torch.int32, device)
+    pos_flat = pos_map.reshape(-1).contiguous() if pos_map is not None else row_map  # a dummy when absent
+    pos_out = empty((pos_flat.numel(),), torch.int32, device) if pos_map is not None else row_map
+    # Unvalidated GPU offsets act as clamped into [0, T] and non-decreasing: every kernel then
+    # stays inside the T rows (a no-op for valid offsets; device ops, no sync).
+    cu = torch.cummax(cu_seqlens.clamp(0, num_rows), dim=0).values.to(torch.int32)
+    # Scratch, all [T] or [B, ceil(W / 2)]: nothing of B * W * D.
+    new_lengths = torch.empty((batch,), dtype=torch.int32, device=device)
+    local_map = torch.empty((num_rows,), dtype=torch.int32, device=device)  # image-local new rows
+    order, key, start, count = (torch.empty((num_rows,), dtype=torch.int32, device=device) for _ in range(4))
+    num_src = (width + 1) // 2
+    with padded._device_guard(device):
+        if batch > 0:
+            cfg = padded._similarity_config(width, metric.shape[1], batch, metric.dtype)
+            splits, dst_per_split = cfg.pop("splits"), cfg.pop("dst_per_split")
+            node_max = torch.empty((batch, num_src), dtype=torch.float32, device=device)
+            node_idx = torch.empty((batch, num_src), dtype=torch.int32, device=device)
+            if splits > 1:
+                part_max = torch.empty((splits, batch, num_src), dtype=torch.float32, device=device)
+                part_idx = torch.empty((splits, batch, num_src), dtype=torch.int32, device=device)
+            else:
+                part_max, part_idx = node_max, node_idx
+            similarity_kernel[(triton.cdiv(num_src, cfg["BLOCK_A"]), splits, batch)](
+                metric, cu, part_max, part_idx, width, metric.shape[1], 0, *metric.stride(), dst_per_split,
+                PROTECT_FIRST=protect_first, PACKED=True, **cfg,
+            )
+            if splits > 1:
+                total = batch * num_src
+                similarity_combine_kernel[(triton.cdiv(total, 1024),)](
+                    part_max, part_idx, node_max, node_idx, total, splits, BLOCK=1024, num_warps=4
+                )
+            select_kernel[(batch,)](
+                node_max, node_idx, cu, threshold.contiguous(), local_map, new_lengths, width,
+                PROTECT_FIRST=protect_first, PACKED=True, **padded._select_config(width),
+            )
+        # The new offsets: an exclusive cumsum of the new lengths, on the device.
+        new_cu[:1] = 0
+        torch.cumsum(new_lengths, 0, dtype=torch.int32, out=new_cu[1:])
+        gcfg = padded._group_config(width)
+        group_rows_kernel[(triton.cdiv(width, gcfg["BLOCK_I"]), batch + 1)](
+            local_map, order, key, start, count, cu, new_cu, row_map, width, num_rows, PACKED=True, **gcfg
+        )
+        mcfg = padded._merge_config(width, dim, _interpreting())
+        grid = (triton.cdiv(width, mcfg["BLOCK_R"]), batch + 1, max(1, triton.cdiv(dim, mcfg["BLOCK_D"])))
+        merge_kernel[grid](
+            x, size.contiguous(), order, key, start, count, row_map, x_out, size_out, pos_flat, pos_out,
+            cu, new_cu, width, dim, pos_flat.numel() if pos_map is not None else 0, num_rows,
+            0, *x.stride(), HAS_POS_MAP=pos_map is not None, PACKED=True,
+            BF16_BY_BITS=x.dtype == torch.bfloat16 and _interpreting(), **mcfg,
+        )
+    new_pos = pos_out.reshape(pos_map.shape) if pos_map is not None else None
+    return DToMeVarlenResult(x_out, size_out, new_cu, new_pos, row_map)
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, interpreter: bool = False) -> dict:
@@ -127,4 +195,11 @@ def _specs():
     return specs
 
 
-COMPILE_SPECS = _specs()
+def _merge_specs():
+    """The PACKED variants of the DToMe kernels that ``dtome_merge_varlen`` launches."""
+    from ..dtome.triton import kernel_specs
+
+    return kernel_specs(packed=True)
+
+
+COMPILE_SPECS = _specs() + _merge_specs()
