@@ -317,7 +317,8 @@ def group_rows_kernel(
     rank = tl.zeros([BLOCK_I], tl.int32)
     below = tl.zeros([BLOCK_I], tl.int32)
     same = tl.zeros([BLOCK_I], tl.int32)
-    for j0 in range(0, limit, BLOCK_J):
+    j_end = tl.where(pid * BLOCK_I < limit, limit, 0)  # a program past the image's rows compares nothing
+    for j0 in range(0, j_end, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         key_j = tl.load(row_map_ptr + base + j, mask=j < limit, other=-1)
         key_j = tl.where((key_j >= 0) & (key_j < N), key_j, N)
@@ -471,9 +472,10 @@ def merge_kernel(
                 tl.store(size_out_ptr + tail, tl.zeros([BLOCK_R], tl.float32), mask=tail_ok & (pid_d == 0))
             if HAS_POS_MAP:
                 offs_p = tl.arange(0, BLOCK_P)
-                for q0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
+                p_end = tl.where(pid_d == 0, N0, 0)  # one feature block composes it
+                for q0 in range(pid_r * BLOCK_P, p_end, tl.num_programs(0) * BLOCK_P):
                     q = q0 + offs_p
-                    q_ok = (q < N0) & (pid_d == 0)
+                    q_ok = q < p_end
                     pos = tl.load(pos_map_ptr + q, mask=q_ok, other=-1)
                     pos_ok = q_ok & (pos >= 0) & (pos < T)
                     moved = tl.load(row_map_ptr + pos, mask=pos_ok, other=-1)

@@ -32,7 +32,9 @@ Everything is bit-identical run to run (no atomics, fixed reduction orders).
 Limitations:
 - Head dim D must be even and <= 128; the two RoPE halves are padded separately to a power
   of two >= 16 (D = 72/80/96 use 2 x 64 columns, D <= 32 use 2 x 16).
-- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs. fp16/bf16
+- fp32 inputs use IEEE fp32 dots (no TF32): exact but slow on tensor-core GPUs. The two
+  divisions (softmax normaliser, row mean) are the GPU's fast fp32 division (<= 2 ulp; the
+  interpreter divides exactly), far below the tolerances of every dtype. fp16/bf16
   dots round rotated q/k and p to the input dtype (fp32 accumulation); the bf16 error is
   within 2x of HF's own bf16 path (tests/test_vtu_bf16_emulation.py).
 - Queries in merged-row order: a tile's positions are scattered (a DToMe group spans the
