@@ -171,10 +171,27 @@ def native_model_bytes(name: str, batch: int, dtype, threads: int = NATIVE_MODEL
     return batch * hq * nu * d * element + 4 * batch * (nf + nu + 1) + 4 * threads * workspace
 
 
+def triton_model_bytes(name: str, batch: int, dtype, capability=(9, 0)) -> int:
+    """dymu_kernels/vtu/triton.py's allocations on a GPU of this capability: the output, int32
+    order [B, Nf] and row start/count 2 x [B, Nu], and the fp32 carry of rows open at a step's
+    end, [B, Hq, min(Nu, cdiv(Nf, BLOCK_S)), D] (the validation masks in api.py are left out)."""
+    from dymu_kernels.vtu.triton import attention_config, group_heads
+
+    hq, hkv, d, prefix, image, suffix, kept, _ = VTU_MEMORY_SHAPES[name]
+    nu, nf = prefix + kept + suffix, prefix + image + suffix
+    block_m = attention_config(d, dtype, capability=capability)["BLOCK_M"]
+    block_s = block_m // group_heads(hq // hkv, block_m)
+    element = torch.empty(0, dtype=dtype).element_size()
+    carry = batch * hq * min(nu, -(-nf // block_s)) * d * 4
+    return batch * hq * nu * d * element + 4 * batch * (nf + 2 * nu) + carry
+
+
 def model_bytes(name: str, impl: str, batch: int, dtype=torch.bfloat16):
     """Modelled peak extra bytes of one call (see the module docstring), or None."""
     if impl == "native":
         return native_model_bytes(name, batch, dtype)
+    if impl == "triton":
+        return triton_model_bytes(name, batch, dtype)
     args = _vtu_inputs(name, batch, dtype, "meta")
     if impl == "fast-path":
         return meta_peak_bytes(lambda: _call(impl, args))
@@ -189,7 +206,7 @@ def model_bytes(name: str, impl: str, batch: int, dtype=torch.bfloat16):
     return None
 
 
-def vtu_memory_rows(measure: bool = True, dtype=torch.bfloat16, impls=("fast-path", "reference", "native")):
+def vtu_memory_rows(measure: bool = True, dtype=torch.bfloat16, impls=("fast-path", "reference", "native", "triton")):
     """One dict per (shape, impl): {"shape", "impl", "batch", "bytes", "kind", "full_bytes",
     "vs_fast_path"} with kind "measured" or "model"; vs_fast_path compares like with like
     (same batch and kind). Measured on CPU unless CUDA is present."""
@@ -201,6 +218,8 @@ def vtu_memory_rows(measure: bool = True, dtype=torch.bfloat16, impls=("fast-pat
         entries = []
         for impl in impls:
             batch = CPU_MEASURED_BATCH[family].get(impl) if measure else None
+            if impl == "triton":  # measured on a GPU only (the interpreter is far too slow here)
+                batch = 1 if measure and torch.cuda.is_available() else None
             if batch is not None:
                 args = _vtu_inputs(name, batch, dtype, "cuda" if torch.cuda.is_available() else "cpu")
                 _call(impl, args)  # warm-up
@@ -225,7 +244,7 @@ def render_vtu_memory(rows, device: str) -> str:
              f"bf16 inputs; bytes allocated during one call beyond its inputs (output included). `measured`: on {device} "
              "at the batch shown (reduced from 16 to fit this machine); `model`: computed (benchmarks/memory.py: expand + "
              f"SDPA and the reference traced on meta tensors; native by its formula with {NATIVE_MODEL_THREADS} thread "
-             "workspaces). `x fast path`: against expand + SDPA at the same batch and kind. `full fp32`: one "
+             "workspaces; triton by its formula at the sm_90 tiles). `x fast path`: against expand + SDPA at the same batch and kind. `full fp32`: one "
              "[B, Hq, Nf, D] fp32 tensor, for scale.", "",
              "| shape | impl | B | kind | peak extra | x fast path | full fp32 |", "|---|---|---:|---|---:|---:|---:|"]
     for row in rows:

@@ -87,3 +87,19 @@ def test_triton_allocates_nothing_of_full_length(tmp_path):
     sizes = check_bound("triton", tmp_path, shape=INTERPRETER_SHAPE)
     bsz, hq, _, d, nf, nu = INTERPRETER_SHAPE
     assert sum(sizes) <= 2 * bsz * hq * nu * d * 4 + 16 * bsz * nf + 4096, sorted(sizes)
+
+
+def test_triton_memory_model_below_a_quarter_of_full_length():
+    """benchmarks/memory.py's model of the Triton launcher (run on a GPU only) at the LLaVA-1.5
+    and LLaVA-OneVision shapes, B=16: what it allocates beyond its output stays below the quarter
+    bound (the output itself nears full length when Nu nears Nf)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memory
+
+    for name, (hq, hkv, d, prefix, image, suffix, kept, batch) in memory.VTU_MEMORY_SHAPES.items():
+        nf, nu = prefix + image + suffix, prefix + kept + suffix
+        extra = memory.triton_model_bytes(name, batch, torch.bfloat16) - batch * hq * nu * d * 2
+        assert extra < batch * hq * nf * d * 4 // 4, name
