@@ -231,7 +231,7 @@ def run(
 ) -> Dict[str, object]:
     """Run the demo; returns the numbers it printed (and writes the report and the grid)."""
     import dymu_kernels as dk
-    from dymu_kernels._backends import implements
+    from dymu_kernels._backends import implements, select as select_backend
 
     from .assets import load_dinov2, load_smollm2
     from ..calibration import load_thresholds
@@ -366,9 +366,10 @@ def run(
 
         image = images_from_encoder(outputs[s].last_hidden_state[:1], outputs[s].pos_map[:1], outputs[s].lengths[:1], drop_cls=True)[0]
         decode = _decode_rates(llm, prompts, image)
+        decode_backend = select_backend("vtu_decode_attention", torch.device("cpu"), None)  # what decoding ran on
         say(f"| decode, 1 photo, {decode['tokens']} greedy tokens of `dymu.generate` (merged cache {decode['merged_bytes'] / 2**20:.2f} MiB vs "
             f"full {decode['full_bytes'] / 2**20:.2f} MiB) | {decode['full']:.1f} tok/s (full cache) | "
-            + " | ".join(f"{decode['merged']:.1f} tok/s (merged cache)" if i == 0 else "" for i, _ in enumerate(backends)) + " |")
+            + " | ".join(f"{decode['merged']:.1f} tok/s (merged cache)" if b == decode_backend else "" for b in backends) + " |")
         timings = {"encoder_full": enc_full, "encoder": enc, "vlm_full": vlm_full, "vlm": vlm_dymu, "decode": decode}
         with torch.no_grad():
             timings["encoder_layouts"] = _encoder_cost_table(vit, pixels, encoders, settings, enc_full, say)
