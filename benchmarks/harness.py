@@ -11,6 +11,7 @@ Environment variables (read once, here):
   at B=64, where masked SDPA takes seconds per call); on a GPU they always run.
 """
 
+import contextlib
 import os
 import time
 
@@ -43,6 +44,18 @@ def _native_cuda() -> bool:
     return _C.built_with_cuda()
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu():
+    """torch on one thread while timing on a CPU (the process-CPU-time clock), restored after."""
+    threads = torch.get_num_threads()
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_best(benchmark, run, rounds: int = 5):
     """Time ``run`` through ``benchmark.pedantic`` (one warmup round) and return its best round in
     seconds, or None when benchmarking is disabled (then ``run`` ran once, as a smoke test).
@@ -53,8 +66,6 @@ def time_best(benchmark, run, rounds: int = 5):
     clock of pytest-benchmark.
     """
     if DEVICE.type == "cpu":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         seconds = []
 
         def timed():
@@ -62,10 +73,8 @@ def time_best(benchmark, run, rounds: int = 5):
             run()
             seconds.append(time.process_time() - start)
 
-        try:
+        with _one_thread_on_cpu():
             benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-        finally:
-            torch.set_num_threads(threads)
         best = min(seconds[1:] or seconds)
         benchmark.extra_info["cpu_seconds_1_thread"] = best
     else:
@@ -95,13 +104,8 @@ def time_interleaved(benchmark, cases: dict, rounds: int):
             sync()
             times[name].append(clock() - start)
 
-    threads = torch.get_num_threads()
-    if on_cpu:
-        torch.set_num_threads(1)
-    try:
+    with _one_thread_on_cpu():
         benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(threads)
     benchmark.extra_info["clock"] = "process CPU time, 1 thread" if on_cpu else "wall clock"
     if getattr(benchmark, "disabled", False):
         return None, outputs

@@ -78,6 +78,19 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _image_rows(lengths_ptr, b, N, PACKED: tl.constexpr):
+    """(first packed row, row count t) of image b: PACKED, from cu_seqlens (lengths_ptr [B + 1]);
+    else (0, lengths[b]). t is clamped to [0, N], so unvalidated lengths never read past N rows."""
+    if PACKED:
+        first_row = tl.load(lengths_ptr + b)
+        t = tl.load(lengths_ptr + b + 1) - first_row
+    else:
+        first_row = 0
+        t = tl.load(lengths_ptr + b)
+    return first_row, tl.minimum(tl.maximum(t, 0), N)
+
+
 @triton.jit(do_not_specialize=["N", "dst_per_split"])
 def similarity_kernel(
     metric_ptr,  # [B, N, C] fp16/bf16/fp32, any strides (PACKED: [T, C] packed rows)
@@ -102,12 +115,10 @@ def similarity_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
     num_src = (N + 1) // 2
+    first_row, t = _image_rows(lengths_ptr, b, N, PACKED)
     if PACKED:
-        first_row = tl.load(lengths_ptr + b)
-        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - first_row, 0), N)
         base = metric_ptr + first_row.to(tl.int64) * stride_mn
     else:
-        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N never read past N
         base = metric_ptr + b.to(tl.int64) * stride_mb
     kc = tl.arange(0, BLOCK_K)
 
@@ -204,13 +215,11 @@ def select_kernel(
     b = tl.program_id(0)
     num_src = (N + 1) // 2
     num_dst = N // 2
+    first_row, t = _image_rows(lengths_ptr, b, N, PACKED)
     if PACKED:  # only the image's own rows are written: the next image's follow at once
-        lo = tl.load(lengths_ptr + b)
-        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b + 1) - lo, 0), N)
-        rm_base = row_map_ptr + lo.to(tl.int64)
+        rm_base = row_map_ptr + first_row.to(tl.int64)
         rows_end = t
     else:
-        t = tl.minimum(tl.maximum(tl.load(lengths_ptr + b), 0), N)  # lengths > N act as N
         rm_base = row_map_ptr + b.to(tl.int64) * N
         rows_end = N  # padding rows get -1
     tau = tl.load(tau_ptr + b)
@@ -342,6 +351,20 @@ def _segmented_add(head_a, sum_a, head_b, sum_b):
     return head_a | head_b, tl.where(head_b != 0, sum_b, sum_a + sum_b)
 
 
+@triton.jit
+def _compose_pos_map(pos_map_ptr, pos_out_ptr, row_map_ptr, num_pos, num_rows, BLOCK_P: tl.constexpr):
+    """pos_out[p] = row_map[pos_map[p]] for p < num_pos (-1 where pos_map is outside [0,
+    num_rows)), in blocks of BLOCK_P strided over the row programs (grid axis 0)."""
+    offs_p = tl.arange(0, BLOCK_P)
+    for q0 in range(tl.program_id(0) * BLOCK_P, num_pos, tl.num_programs(0) * BLOCK_P):
+        q = q0 + offs_p
+        q_ok = q < num_pos
+        pos = tl.load(pos_map_ptr + q, mask=q_ok, other=-1)
+        pos_ok = q_ok & (pos >= 0) & (pos < num_rows)
+        moved = tl.load(row_map_ptr + pos, mask=pos_ok, other=-1)
+        tl.store(pos_out_ptr + q, tl.where(pos_ok, moved, -1), mask=q_ok)
+
+
 @triton.jit(do_not_specialize=["N", "N0", "T"])
 def merge_kernel(
     x_ptr,  # [B, N, D] fp16/bf16/fp32, any strides (PACKED: [T, D])
@@ -470,25 +493,10 @@ def merge_kernel(
                          tl.zeros([BLOCK_R, BLOCK_D], tl.float32).to(x_out_ptr.dtype.element_ty),
                          mask=tail_ok[:, None] & d_ok[None, :])
                 tl.store(size_out_ptr + tail, tl.zeros([BLOCK_R], tl.float32), mask=tail_ok & (pid_d == 0))
-            if HAS_POS_MAP:
-                offs_p = tl.arange(0, BLOCK_P)
-                p_end = tl.where(pid_d == 0, N0, 0)  # one feature block composes it
-                for q0 in range(pid_r * BLOCK_P, p_end, tl.num_programs(0) * BLOCK_P):
-                    q = q0 + offs_p
-                    q_ok = q < p_end
-                    pos = tl.load(pos_map_ptr + q, mask=q_ok, other=-1)
-                    pos_ok = q_ok & (pos >= 0) & (pos < T)
-                    moved = tl.load(row_map_ptr + pos, mask=pos_ok, other=-1)
-                    tl.store(pos_out_ptr + q, tl.where(pos_ok, moved, -1), mask=q_ok)
+            if HAS_POS_MAP:  # over the whole packed pos_map, on one feature block
+                _compose_pos_map(pos_map_ptr, pos_out_ptr, row_map_ptr, tl.where(pid_d == 0, N0, 0), T, BLOCK_P)
     else:
         if HAS_POS_MAP:
-            if pid_d == 0:
-                # pos_map'[b, p] = row_map[b, pos_map[b, p]]: the row programs share the blocks.
-                offs_p = tl.arange(0, BLOCK_P)
-                for q0 in range(pid_r * BLOCK_P, N0, tl.num_programs(0) * BLOCK_P):
-                    q = q0 + offs_p
-                    q_ok = q < N0
-                    pos = tl.load(pos_map_ptr + b.to(tl.int64) * N0 + q, mask=q_ok, other=-1)
-                    pos_ok = q_ok & (pos >= 0) & (pos < N)
-                    moved = tl.load(row_map_ptr + in_base + pos, mask=pos_ok, other=-1)
-                    tl.store(pos_out_ptr + b.to(tl.int64) * N0 + q, tl.where(pos_ok, moved, -1), mask=q_ok)
+            if pid_d == 0:  # image b's pos_map rows
+                _compose_pos_map(pos_map_ptr + b.to(tl.int64) * N0, pos_out_ptr + b.to(tl.int64) * N0,
+                                 row_map_ptr + in_base, N0, N, BLOCK_P)

@@ -182,8 +182,15 @@ def _attn_inner(
 
 
 @triton.jit
+def _row_at(order_base, map_base, stride_mn, slot, num_merged):
+    """Merged row (clamped into [0, Nu) like the reference) of the position at ``slot`` of order."""
+    row = tl.load(map_base + tl.load(order_base + slot) * stride_mn)
+    return tl.minimum(tl.maximum(row, 0), num_merged - 1)
+
+
+@triton.jit
 def _attend_slots(
-    Q, k_base, v_base, cos_base, sin_base, map_base, slot, m_ok, head, pos_m, rows_m,
+    Q, k_base, v_base, cos_base, sin_base, map_base, m_ok, head, pos_m, rows_m,
     stride_qh, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
     stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
     length, num_merged, num_full, qk_scale,
@@ -276,14 +283,14 @@ def vtu_attention_fwd_kernel(
     # that straddles in from the previous tile, if any) to the end of the row holding the
     # tile's last slot. A row covering the whole tile leaves the program nothing to do.
     tile_end = tl.minimum(tile_start + BLOCK_S, length)
-    row_in = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + tile_start) * stride_mn), 0), num_merged - 1)
+    row_in = _row_at(order_base, map_base, stride_mn, tile_start, num_merged)
     start_in = tl.load(ROW_START + rows_base + row_in)
     a = tl.where(start_in < tile_start, start_in + tl.load(ROW_COUNT + rows_base + row_in), tile_start)
     if a >= tile_end:
         return
-    row_out = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + tile_end - 1) * stride_mn), 0), num_merged - 1)
+    row_out = _row_at(order_base, map_base, stride_mn, tile_end - 1, num_merged)
     e = tl.load(ROW_START + rows_base + row_out) + tl.load(ROW_COUNT + rows_base + row_out)
-    first_row = tl.minimum(tl.maximum(tl.load(map_base + tl.load(order_base + a) * stride_mn), 0), num_merged - 1)
+    first_row = _row_at(order_base, map_base, stride_mn, a, num_merged)
     carry_idx = tl.where(carry_by_row != 0, first_row, tile)
     if DOT_FP32:
         DOT_DTYPE: tl.constexpr = tl.float32
@@ -313,7 +320,7 @@ def vtu_attention_fwd_kernel(
         rows_m = tl.load(map_base + pos_m * stride_mn, mask=m_ok, other=0)
         rows_m = tl.minimum(tl.maximum(rows_m, 0), num_merged - 1)
         o = _attend_slots(
-            Q + b * stride_qb, k_base, v_base, cos_base, sin_base, map_base, slot, m_ok, head, pos_m, rows_m,
+            Q + b * stride_qb, k_base, v_base, cos_base, sin_base, map_base, m_ok, head, pos_m, rows_m,
             stride_qh, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_cn, stride_cd, stride_sn, stride_sd, stride_mn,
             length, num_merged, num_full, qk_scale,
